@@ -51,6 +51,8 @@ class RunConfig:
     """Global seed for model init, data order and loss randomness (MindEye's default is 42)."""
     name: str = ""
     """Human-readable run name (defaults to the run directory's basename)."""
+    ds_config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON (ZeRO stage, offload, communication); launchers set it from --ds_config."""
 
     def __post_init__(self) -> None:
         _check(bool(self.dir), "run.dir", self.dir, "a non-empty path")
@@ -130,8 +132,11 @@ class LossConfig:
     """Temperature of the low-level soft contrastive loss (MindEye1 0.075, MindEye2 0.2)."""
     gather_negatives: bool = False
     """Gather contrastive features across ranks (global negatives). Off matches both references."""
+    gather_local_loss: bool = False
+    """With gather_negatives, each rank scores only its own rows of the global logits (W x cheaper)."""
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.gather_local_loss, bool), "loss.gather_local_loss", self.gather_local_loss, "true or false")
         _check(0.0 <= self.mixup_pct <= 1.0, "loss.mixup_pct", self.mixup_pct, "a fraction in [0, 1]")
         _check(self.mixup_beta > 0, "loss.mixup_beta", self.mixup_beta, "> 0")
         _check(0.0 <= self.mixup_prob <= 1.0, "loss.mixup_prob", self.mixup_prob, "a probability in [0, 1]")
@@ -155,8 +160,8 @@ class OptimConfig:
     """AdamW epsilon."""
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     """LR schedule: OneCycle as in the references, cosine with warmup, or constant."""
-    pct_start: float = 0.0
-    """OneCycle warm-up share; 0 means the references' 2 / epochs (see train.epochs_hint)."""
+    pct_start: float = 0.05
+    """OneCycle warm-up share of training (the references use 2 / epochs: 0.0083 for MindEye1's 240)."""
     warmup_steps: int = 0
     """Linear warm-up steps for the cosine schedule."""
     final_div_factor: float = 1000.0
@@ -169,7 +174,7 @@ class OptimConfig:
         _check(self.max_lr > 0, "optim.max_lr", self.max_lr, "> 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "two numbers in [0, 1)")
-        _check(0.0 <= self.pct_start < 1.0, "optim.pct_start", self.pct_start, "a fraction in [0, 1)")
+        _check(0.0 < self.pct_start < 1.0, "optim.pct_start", self.pct_start, "a fraction in (0, 1)")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
         _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0")
 
@@ -190,8 +195,6 @@ class TrainConfig:
     """Evaluate retrieval on the validation split every this many steps; 0 disables."""
     max_bad_steps: int = 5
     """Abort after this many consecutive steps with NaN/inf loss or gradients (they are skipped)."""
-    epochs_hint: int = 0
-    """If > 0, OneCycle's pct_start defaults to 2 / epochs_hint as in the references."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", self.max_steps, "a positive integer")
@@ -200,7 +203,6 @@ class TrainConfig:
         _check(self.log_every_steps > 0, "train.log_every_steps", self.log_every_steps, "a positive integer")
         _check(self.eval_every_steps >= 0, "train.eval_every_steps", self.eval_every_steps, ">= 0")
         _check(self.max_bad_steps > 0, "train.max_bad_steps", self.max_bad_steps, "a positive integer")
-        _check(self.epochs_hint >= 0, "train.epochs_hint", self.epochs_hint, ">= 0")
 
 
 @dataclass

@@ -1,0 +1,50 @@
+"""Evaluate a run: 300-way top-1 retrieval in both directions over 30 random subsets.
+
+    python launchers/evaluate.py --run RUN_DIR --data URL --split test --out metrics.json \\
+        [--checkpoint step_0001000] [--save-predictions PRED.npy] [--baseline ridge]
+    python launchers/evaluate.py --data URL --baseline ridge --out ridge.json   # no run needed
+
+The metrics JSON has ``retrieval.image_top1`` and ``retrieval.brain_top1`` (repetitions averaged
+at the input, as MindEye1 does); the predictions file holds the retrieval-submodule outputs for
+the split in row order, shape ``[n, tokens, dim]``.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", help="run directory written by launchers/train.py")
+    p.add_argument("--data", help="dataset URL (defaults to the run's data.url)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--checkpoint", help="checkpoint tag (default: checkpoints/latest)")
+    p.add_argument("--out", help="write the metrics JSON here (also printed)")
+    p.add_argument("--save-predictions", help="save retrieval-submodule outputs (.npy, [n, tokens, dim])")
+    p.add_argument("--baseline", choices=["ridge"], help="also compute a baseline on the same data")
+    p.add_argument("--way", type=int, default=300)
+    p.add_argument("--loops", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from mindeye_dist.evaluate import evaluate_run
+
+    try:
+        res = evaluate_run(args.run, args.data, args.split, args.checkpoint, args.way, args.loops, args.seed,
+                           args.baseline, args.save_predictions)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 2
+    text = json.dumps(res, indent=2, default=float)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

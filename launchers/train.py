@@ -1,0 +1,60 @@
+"""Train MindEye: one script for the deepspeed launcher, torchrun, SLURM and a plain process.
+
+Launch commands (see README for the demo and a full walkthrough):
+
+One process (CPU or one GPU)::
+
+    python launchers/train.py --config launchers/configs/demo.yaml data.url=demo_out/data run.dir=runs/demo
+
+One node, every local accelerator (on a CPU-only host name the rank count: DeepSpeed counts
+NUMA nodes as CPU "accelerators")::
+
+    deepspeed --num_accelerators 2 launchers/train.py --ds_config ds_configs/zero2.json \
+        --config launchers/configs/demo.yaml data.url=demo_out/data run.dir=runs/demo
+    torchrun --standalone --nproc_per_node 2 launchers/train.py --ds_config ds_configs/zero2.json \
+        --config launchers/configs/demo.yaml
+
+Several nodes (hostfile lines look like ``node1 slots=8``)::
+
+    deepspeed --hostfile cluster/hostfile --num_nodes 4 --num_gpus 8 launchers/train.py \
+        --ds_config ds_configs/zero2.json --config launchers/configs/mindeye1.yaml \
+        data.url=s3://bucket/nsd/subj01 run.dir=/shared/runs/me1
+    srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \
+        launchers/train.py --ds_config ds_configs/zero2.json --config ...
+
+Running the same command again with the same ``run.dir`` resumes from ``checkpoints/latest``.
+Dotted ``key=value`` arguments override the YAML (``model.hidden_dim=512 train.max_steps=200``).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mindeye_dist.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="experiment YAML (defaults apply where omitted)")
+    parser.add_argument("--ds_config", "--ds-config", dest="ds_config", help="DeepSpeed JSON (ZeRO stage, offload, communication)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # appended by deepspeed
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.ds_config:
+        overrides.append(f"run.ds_config={args.ds_config}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from mindeye_dist.train import run
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Data plane: synthetic subject, shard writer, webdataset loaders, local and S3 storage.
+
+Public API::
+
+    meta = build_synthetic_dataset("demo", "demo_out/data", seed=0)   # or import_arrays(src, url)
+    meta = read_meta(url)                                              # DatasetMeta
+    train = build_train_loader(cfg.data, micro_batch_size, seed, rank, world_size,
+                               start_epoch=0, start_batch=0)           # TrainLoader
+    for batch in train: ...                                            # Batch; train.position to checkpoint
+    for batch in build_eval_loader(cfg.data, "val", 300): ...          # row order, reps averaged
+
+See loader.py for how ranks and workers split an epoch and how resume works, writer.py for the
+shard layout, meta.py for the meta.json schema and synthetic.py for the synthetic subject.
+"""
+
+from mindeye_dist.data.batch import Batch
+from mindeye_dist.data.errors import CorruptShardError, DataError, StorageError
+from mindeye_dist.data.loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from mindeye_dist.data.meta import DatasetMeta, ShardInfo, SplitInfo, read_meta
+from mindeye_dist.data.prepare import build_synthetic_dataset, import_arrays, load_array_splits
+from mindeye_dist.data.synthetic import PRESETS, SyntheticSpec, SyntheticSubject, get_spec
+from mindeye_dist.data.writer import write_dataset
+
+__all__ = [
+    "Batch", "CorruptShardError", "DataError", "DatasetMeta", "EvalLoader", "PRESETS", "ShardInfo", "SplitInfo",
+    "StorageError", "SyntheticSpec", "SyntheticSubject", "TrainLoader", "build_eval_loader", "build_synthetic_dataset",
+    "build_train_loader", "get_spec", "import_arrays", "load_array_splits", "read_meta", "write_dataset",
+]
