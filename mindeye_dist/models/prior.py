@@ -229,7 +229,9 @@ class PriorNetwork(nn.Module):
                             self.null_brain_embeds.to(brain.dtype))
         noisy = torch.where(self._keep(b, image_drop_prob, generator, device), noisy,
                             self.null_image_embed.to(noisy.dtype))
-        time = rearrange(self.time_mlp(timesteps), "b d -> b 1 d").to(noisy.dtype)
+        # The sinusoidal features are computed in fp32; cast before the MLP so bf16 weights work.
+        sinusoid = self.time_mlp[0](timesteps).to(noisy.dtype)
+        time = rearrange(self.time_mlp[1:](sinusoid), "b d -> b 1 d")
         tokens = torch.cat([brain, time, noisy + self.learned_queries], dim=1)  # (B, 2T+1, D)
         return self.transformer(tokens)[:, -self.n_tokens:]  # (B, T, D)
 
