@@ -218,7 +218,12 @@ def consolidated_state_dict(ckpt_dir: str | os.PathLike, tag: Optional[str] = No
             raise FileNotFoundError(f"{model_file} is missing; not a DeepSpeed checkpoint directory")
         state = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
         return {k: v.float().clone() for k, v in state.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    import contextlib
+    import sys
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    # DeepSpeed prints progress to stdout; keep stdout clean for tools that print JSON there.
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float().contiguous().clone() for k, v in state.items()}

@@ -140,7 +140,7 @@ def test_gathered_equals_per_rank_on_one_rank(single_rank_group, mode, local_los
 @pytest.mark.distributed
 def test_two_rank_gather_matches_global_batch(tmp_path):
     mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     preds, targets = _global_inputs()
 
     for rank, res in enumerate(ranks):
