@@ -47,11 +47,26 @@ def test_ceiling_falls_with_noise_and_stays_above_chance():
     assert low["way"] == 40 and low["loops"] == 5
 
 
-def test_demo_ceiling_is_calibrated():
-    c = SyntheticSubject("demo", 0).retrieval_ceiling()  # 300-way, 30 loops, test split only
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_demo_ceiling_is_high_on_every_seed(seed):
+    # The demo is calibrated so that the latent is identifiable from the voxels (ceiling ~1) and
+    # what separates decoders is learning the nonlinear voxel-to-target map (see the docstring).
+    c = SyntheticSubject("demo", seed).retrieval_ceiling()  # 300-way, 30 loops, test split only
     assert c["way"] == 300 and c["n"] >= 600
-    assert 0.6 <= c["image_top1"] <= 0.95, c
-    assert c["brain_top1"] > 0.5
+    assert c["image_top1"] > 0.98 and c["brain_top1"] > 0.98, c
+
+
+def test_product_term_makes_targets_nonlinear_in_the_latent():
+    def linear_r2(beta):
+        s = SyntheticSubject(get_spec("demo", n_train=2000, target_nonlinearity=beta), 0)
+        z = s.latents("train")
+        t = s.targets(z).reshape(len(z), -1)
+        zz = np.hstack([z, np.ones((len(z), 1))])
+        coef, *_ = np.linalg.lstsq(zz, t, rcond=None)
+        return 1 - ((t - zz @ coef) ** 2).sum() / ((t - t.mean(0)) ** 2).sum()
+
+    assert linear_r2(0.0) > 0.9  # only token-0 normalisation bends it
+    assert linear_r2(2.5) < 0.4
 
 
 def test_bad_spec_is_refused():
