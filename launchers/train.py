@@ -27,8 +27,16 @@ Dotted ``key=value`` arguments override the YAML (``model.hidden_dim=512 train.m
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# Before torch is imported: on CPU hosts every rank would start one OpenMP thread per core, so
+# two ranks on two cores (plus loader workers) oversubscribe and steps run up to 30x slower.
+# The launchers export the node-local rank count (torchrun LOCAL_WORLD_SIZE, deepspeed LOCAL_SIZE).
+_local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+if _local > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _local))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

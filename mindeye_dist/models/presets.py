@@ -114,9 +114,9 @@ PRESETS: dict[str, Preset] = {
     ),
     "demo": Preset(
         doc="synthetic demo dataset (~2000 voxels, 16x64 tokens); a few CPU minutes on 2 ranks",
-        fields={**_SMALL, "hidden_dim": 512, "n_blocks": 2, "projector_hidden_dim": 256, "prior_depth": 2,
-                "prior_heads": 4, "prior_dim_head": 32, "lowlevel_channels": [32, 64], "lowlevel_map_channels": 32,
-                "lowlevel_feature_dim": 64},
+        fields={**_SMALL, "hidden_dim": 256, "n_blocks": 2, "projector_hidden_dim": 256, "prior_depth": 1,
+                "prior_heads": 2, "prior_dim_head": 32, "lowlevel_channels": [8, 16], "lowlevel_map_channels": 8,
+                "lowlevel_feature_dim": 32},
         nominal=dict(n_voxels=2000, n_tokens=16, token_dim=64, lowlevel_shape=[4, 16, 16]),
     ),
     "mindeye1": Preset(doc="MindEye1 subject 1 (257x768 CLIP-L, 940M backbone)", fields=_MINDEYE1),
