@@ -1,0 +1,143 @@
+"""A reference-style loop: what the MindEye notebooks do every step, on the same model.
+
+Per step: a frozen CLIP image encoder of ViT-L/14 size (open_clip ``ViT-L-14``, randomly
+initialised from its config: no weights can be downloaded here, and the cost does not depend on
+the values) runs eager fp32 under ``no_grad`` on the batch's 224x224 images; its 257x768 tokens
+(``ln_post`` output over all tokens @ ``visual.proj``, captured with a forward hook) become the
+targets, not cached; then the same training step as ours (``TrainingModel`` + ``MindEyeLoss``
+through ``train._forward_loss``) with plain ``torch.optim.AdamW`` at its defaults (no ``fused``,
+no ``foreach`` argument: the single-tensor loop on CPU, foreach on CUDA) as the references used,
+and no DeepSpeed. The model's token shape is smaller than 257x768 for the small presets, so the
+encoder's tokens are cropped to ``(n_tokens, token_dim)`` (the encoder cost, which dominates, is the
+same as for full-size targets; the crop is a view).
+
+Images are random uint8 tensors already in memory, normalised with the CLIP mean/std on the fly
+(the references decoded JPEGs in their loader; that cost is left out on both sides).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from mindeye_dist.bench.common import PresetSpec, build, experiment_config, log, median, sync, synthetic_batch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class TokenEncoder:
+    """Frozen open_clip vision tower -> (B, 1 + grid², embed_dim) tokens (ln_post @ proj)."""
+
+    def __init__(self, name: str, device: torch.device):
+        import mindeye_dist  # noqa: F401  (torchvision shim before open_clip)
+        import open_clip
+
+        clip = open_clip.create_model(name, pretrained=None)
+        self.visual = clip.visual.to(device).eval().requires_grad_(False)
+        del clip
+        self.image_size = self.visual.image_size if isinstance(self.visual.image_size, int) else self.visual.image_size[0]
+        self.params = sum(p.numel() for p in self.visual.parameters())
+        self._captured: dict[str, torch.Tensor] = {}
+        self.visual.ln_post.register_forward_hook(lambda _m, _i, out: self._captured.__setitem__("x", out))
+        self.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = (images_uint8.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        self.visual(x)
+        return self._captured.pop("x") @ self.visual.proj
+
+
+def fit_tokens(tokens: torch.Tensor, n_tokens: int, token_dim: int) -> torch.Tensor:
+    """Crop (or tile, for an encoder smaller than the model) tokens to (B, n_tokens, token_dim)."""
+    b, t, d = tokens.shape
+    if t < n_tokens:
+        tokens = tokens.repeat(1, -(-n_tokens // t), 1)
+    if d < token_dim:
+        tokens = tokens.repeat(1, 1, -(-token_dim // d))
+    out = tokens[:, :n_tokens, :token_dim]
+    return out / out[:, :1].norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+class _PlainEngine:
+    """What ``train._forward_loss`` needs from an engine: call the model, know the dtype."""
+
+    dtype = torch.float32
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def measure_reference(spec: PresetSpec, micro_batch: int, steps: int, device: torch.device,
+                      encoder: str = "ViT-L-14") -> dict[str, Any]:
+    """Median seconds per reference-style step (encoder + step), with the parts timed separately."""
+    from mindeye_dist.losses import MindEyeLoss
+    from mindeye_dist.optim import param_groups
+    from mindeye_dist.train import TrainingModel, _forward_loss
+
+    cfg = experiment_config(spec, micro_batch, precision="fp32")
+    t = time.perf_counter()
+    enc = TokenEncoder(encoder, device)
+    build_s = time.perf_counter() - t
+    torch.manual_seed(0)
+    module = TrainingModel(build(spec, cfg)).to(device).train()
+    groups = param_groups(module, cfg.optim.weight_decay)
+    for g in groups:
+        g.pop("name")
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.max_lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    engine, loss_fn = _PlainEngine(module), MindEyeLoss(cfg.loss, cfg.train.max_steps)
+    gen = torch.Generator().manual_seed(0)
+    model_cfg = module.model.config
+    batch = synthetic_batch(model_cfg, micro_batch, device)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (micro_batch, enc.image_size, enc.image_size, 3), dtype=torch.uint8, generator=g)
+    images = images.to(device)
+
+    def step(i: int, parts: list | None = None) -> None:
+        t0 = time.perf_counter()
+        tokens = enc(images)  # targets computed on the fly, every step
+        batch.targets = fit_tokens(tokens, model_cfg.n_tokens, model_cfg.token_dim)
+        sync(device)
+        t1 = time.perf_counter()
+        terms = _forward_loss(engine, loss_fn, batch, i, gen)
+        terms.total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if parts is not None:
+            parts.append((t1 - t0, time.perf_counter() - t1))
+
+    # Warm-up on one image (oneDNN primitive creation, first-touch of the weights) and one
+    # model step, so the timed steps are steady state without paying a full warm-up batch.
+    enc(images[:1])
+    terms = _forward_loss(engine, loss_fn, batch, 0, gen)
+    terms.total.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    parts: list = []
+    times = []
+    for i in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step(i + 1, parts)
+        times.append(time.perf_counter() - t0)
+        log(f"reference step {i + 1}/{steps}: {times[-1]:.2f} s (encoder {parts[-1][0]:.2f} s)")
+    med = median(times)
+    return {
+        "preset": spec.name, "micro_batch": micro_batch, "timed_steps": len(times), "step_times_s": times,
+        "step_time_s": med, "samples_per_s": micro_batch / med,
+        "encoder": {"name": encoder, "pretrained": None, "params": enc.params, "image_size": enc.image_size,
+                    "tokens_shape": [int(enc.visual.positional_embedding.shape[0]), int(enc.visual.proj.shape[1])],
+                    "seconds_per_step": median([p[0] for p in parts]), "build_s": build_s},
+        "train_step_s": median([p[1] for p in parts]),
+        "optimizer": "torch.optim.AdamW (defaults: no fused, no foreach argument)",
+        "targets": f"encoder tokens cropped to the model's ({model_cfg.n_tokens}, {model_cfg.token_dim})",
+    }

@@ -1,0 +1,119 @@
+"""Markdown tables of a benchmark result (the JSON of ``mindeye_dist.benchmark.run_benchmark``)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+def _f(v: Optional[float], fmt: str = "{:.3g}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _gib(b: Optional[float]) -> str:
+    return "-" if b is None else f"{b / 2**30:.2f}"
+
+
+def _met(m: Optional[bool]) -> str:
+    return "n/a" if m is None else ("met" if m else "**missed**")
+
+
+def format_markdown(r: dict[str, Any]) -> str:
+    out = [f"**Device:** {r['device']}  ", f"**Date:** {r['date']}  ", f"**Command:** `{r.get('command') or '-'}`  ",
+           f"**Precision:** {r['precision']}; torch threads {r['host'].get('torch_threads')}; "
+           f"load average at start {_f((r['host'].get('load_avg_at_start') or [None])[0], '{:.2f}')}, "
+           f"at end {_f((r['host'].get('load_avg_at_end') or [None])[0], '{:.2f}')}; run took {r['duration_s']:.0f} s", ""]
+    if r.get("load_warning"):
+        out += [f"> **Load warning:** {r['load_warning']}.", ""]
+    out += ["### Headline ratios", "", "| ratio | value | target | status | basis |", "|---|---|---|---|---|"]
+    for k, t in r["targets"].items():
+        out.append(f"| `{k}` | {_f(t['value'], '{:.3g}')} | {t['target']} | {_met(t['met'])} | {t['note']} |")
+    out.append("")
+    peak = r.get("peak")
+    if peak:
+        out += [f"Matmul peak ({peak['dtype']}, {peak['n']}x{peak['n']}, {peak['threads']} threads): "
+                f"{_f(peak.get('matmul_flops_per_s_before'), '{:.4g}')} FLOP/s before training, "
+                f"{_f(peak.get('matmul_flops_per_s_after'), '{:.4g}')} after; fractions use the higher. "
+                f"Datasheet peak: {_f(peak.get('datasheet_flops_per_s'), '{:.4g}')}. Memory bandwidth (fp32 copy, read + "
+                f"write): {_f((peak.get('copy_bandwidth_bytes_per_s') or 0) / 1e9 or None, '{:.1f}')} GB/s.", ""]
+    train = r.get("train")
+    if train:
+        out += ["### Training step (synthetic in-memory batches)", "",
+                "| preset | params | GFLOP/sample | micro-batch | step ms (median) | samples/s | GFLOP/s | "
+                "of matmul peak | fwd+loss / bwd / opt ms | data-wait share |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, p in train["presets"].items():
+            label = name if p["preset"] == name else f"{name} -> {p['preset']}"
+            for row in p["rows"]:
+                ph = row["phase_s"]
+                out.append(f"| {label} | {p['params'] / 1e6:.1f}M | {p['flops_per_sample'] / 1e9:.3g} | {row['micro_batch']} | "
+                           f"{row['step_time_s'] * 1e3:.1f} | {row['samples_per_s']:.1f} | {row['flops_per_s'] / 1e9:.1f} | "
+                           f"{_f(row['fraction_of_peak'], '{:.2f}')} | {ph['forward_loss'] * 1e3:.0f} / "
+                           f"{ph['backward'] * 1e3:.0f} / {ph['optimizer_step'] * 1e3:.0f} | {row['data_wait_share']:.2f} |")
+        first = next(iter(train["presets"].values()))
+        out += ["", f"Engine: {first['engine']}; ds config `{first['ds_config']}`; median of up to "
+                f"{r['options']['repeats']} timed steps after {r['options']['warmup']} warm-up step(s).", ""]
+        for name, p in train["presets"].items():
+            rl = p.get("real_loader")
+            if rl:
+                out += [f"Real loader ({name}, local shards, {rl['num_workers']} worker(s), micro-batch {rl['micro_batch']}, "
+                        f"{rl['steps']} steps): {rl['samples_per_s']:.1f} samples/s, data-wait share "
+                        f"**{rl['data_wait_share']:.3f}** ({rl['data_wait_s'] * 1e3:.1f} ms of {rl['step_time_s'] * 1e3:.1f} ms/step).", ""]
+        for name, p in train["presets"].items():
+            prof = p.get("profile")
+            if prof:
+                out += [f"### Where the time goes: {p['preset']}, micro-batch {prof['micro_batch']} (torch.profiler, one step, "
+                        f"{prof['wall_s']:.2f} s under the profiler)", "", "| category | ms | share |", "|---|---|---|"]
+                out += [f"| {k} | {v['ms']:.0f} | {v['share']:.2f} |" for k, v in prof["categories"].items()]
+                out += ["", "| top op (self time) | ms | calls | share |", "|---|---|---|---|"]
+                out += [f"| `{o['op']}` | {o['self_ms']:.0f} | {o['calls']} | {o['share']:.2f} |" for o in prof["top_ops"]]
+                out.append("")
+            var = p.get("variants")
+            if var:
+                out += [f"### Proposed engine changes, measured ({p['preset']}, micro-batch {var['micro_batch']})", "",
+                        "| variant | step ms | samples/s | of matmul peak | speed-up |", "|---|---|---|---|---|"]
+                for label, row in var["rows"].items():
+                    out.append(f"| {label} | {row['step_time_s'] * 1e3:.0f} | {row['samples_per_s']:.2f} | "
+                               f"{_f(row['fraction_of_peak'], '{:.2f}')} | {row['speedup_vs_shipped']:.2f}x |")
+                out += [""] + [f"- `{k}`: {v}" for k, v in var["descriptions"].items()] + [""]
+        if train.get("substitutions"):
+            for k, v in train["substitutions"].items():
+                out += [f"Note: `{k}` needed {_gib(v['needed_bytes'])} GiB but {_gib(v['mem_available_bytes'])} GiB were "
+                        f"available; measured `{v['used']}` instead.", ""]
+    ref = r.get("reference")
+    if ref:
+        enc = ref["encoder"]
+        out += ["### Reference-style loop (frozen encoder on every batch, plain AdamW)", "",
+                "| preset | micro-batch | steps | step s (median) | encoder s | train step s | samples/s |",
+                "|---|---|---|---|---|---|---|",
+                f"| {ref['preset']} | {ref['micro_batch']} | {ref['timed_steps']} | {ref['step_time_s']:.2f} | "
+                f"{enc['seconds_per_step']:.2f} | {ref['train_step_s']:.3f} | {ref['samples_per_s']:.3f} |", "",
+                f"Encoder: open_clip `{enc['name']}` random init ({enc['params'] / 1e6:.0f}M vision params, "
+                f"{enc['image_size']}px, {enc['tokens_shape'][0]}x{enc['tokens_shape'][1]} tokens), fp32 eager, no_grad; "
+                f"{ref['targets']}; {ref['optimizer']}.", ""]
+    data = r.get("data")
+    if data:
+        dd = data.get("dims", {})
+        out += [f"### Data loader ({dd.get('n_voxels')}x3 voxels + {dd.get('n_tokens')}x{dd.get('token_dim')} targets "
+                f"per sample, float16)", "",
+                "| source | samples/s | MB/s |", "|---|---|---|"]
+        for src in ("local", "s3"):
+            out.append(f"| {src} | {data[src]['samples_per_s']:.0f} | {data[src]['mb_per_s']:.0f} |")
+        out += ["", f"{data['train_samples']} train samples in {data['train_shards']} shards, "
+                f"{data['bytes_per_sample'] / 1e3:.0f} KB/sample, {data['num_workers']} workers, batch {data['batch_size']}, "
+                f"median of {data['repeats']} epoch(s); S3 = moto server on 127.0.0.1 through s3fs.", ""]
+    mem = r.get("memory")
+    if mem:
+        out += [f"### ZeRO model-state memory per rank, 2 ranks, {mem['preset']} ({mem['params'] / 1e6:.0f}M params, "
+                f"largest layer {mem['largest_layer_params'] / 1e6:.1f}M), {mem['precision']}", "",
+                "| stage | measured GiB/rank (states live) | after the step | estimate GiB/rank | estimate/measured | "
+                "DeepSpeed estimator GiB | peak RSS GiB |", "|---|---|---|---|---|---|---|"]
+        for k, s in mem["stages"].items():
+            out.append(f"| ZeRO-{k} | {_gib(s['measured_model_state_bytes_per_rank'])} | "
+                       f"{_gib(s.get('after_step_bytes_per_rank'))} | "
+                       f"{_gib(s['estimate_model_state_bytes_per_rank'])} | {_f(s['estimate_vs_measured'], '{:.2f}')} | "
+                       f"{_gib(s['deepspeed_estimate_bytes'])} | {_gib(s['peak_rss_bytes_per_rank'])} |")
+        out += ["", "Measured = RSS with parameters, gradients and optimizer states all alive (after the backward of a "
+                "second step) - RSS before the model was built, max over ranks; 'after the step' = RSS after engine "
+                "init + one step - the same baseline. `+small_buckets`: the shipped config with reduce/all-gather/"
+                "prefetch buckets of 5e7 elements instead of 5e8.", ""]
+    return "\n".join(out)
