@@ -269,6 +269,7 @@ def _headlines(result: dict[str, Any], opts: BenchmarkOptions) -> dict[str, Any]
 def run_benchmark(opts: Optional[BenchmarkOptions] = None) -> dict[str, Any]:
     """Run the selected sections; returns the JSON-ready result (headlines at the top level)."""
     import mindeye_dist  # noqa: F401  (torchvision shim)
+    from mindeye_dist.data.local_s3 import restore_env
     from mindeye_dist.distributed import init_distributed, teardown_distributed
     from mindeye_dist.metrics import device_peak_flops
 
@@ -350,11 +351,7 @@ def run_benchmark(opts: Optional[BenchmarkOptions] = None) -> dict[str, Any]:
                                                    tuple(opts.memory_small_bucket_stages))
     finally:
         teardown_distributed()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved_env)
         if tmp is not None:
             tmp.cleanup()
     result["duration_s"] = time.perf_counter() - t_start

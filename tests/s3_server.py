@@ -8,19 +8,12 @@ makes the server check credentials (unknown keys are rejected) for one test.
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
 import uuid
 from dataclasses import dataclass
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mindeye_dist.data.local_s3 import free_port  # noqa: F401  (re-exported for the tests)
 
 
 @dataclass(frozen=True)
@@ -29,32 +22,13 @@ class S3Server:
     """http://127.0.0.1:PORT"""
 
 
-_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 tests (pip install -c constraints.txt 'moto[server]')")
-    from moto.server import ThreadedMotoServer
+    from mindeye_dist.data.local_s3 import local_s3_server
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-
-    saved = {k: os.environ.get(k) for k in [*_AWS_ENV, "AWS_PROFILE", "AWS_ENDPOINT_URL"]}
-    os.environ.update(_AWS_ENV)
-    os.environ.pop("AWS_PROFILE", None)
-    os.environ.pop("AWS_ENDPOINT_URL", None)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield S3Server(endpoint=f"http://127.0.0.1:{port}")
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with local_s3_server() as endpoint:
+        yield S3Server(endpoint=endpoint)
 
 
 @pytest.fixture

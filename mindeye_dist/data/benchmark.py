@@ -58,35 +58,18 @@ def run_benchmark(data_dir: Optional[str] = None, preset: str = "demo", num_work
     result["local"] = _measure(DataConfig(url=data_dir, **base), batch_size, repeats, bytes_per_sample)
     print(f"local: {result['local']['samples_per_s']:.0f} samples/s, {result['local']['mb_per_s']:.1f} MB/s", file=sys.stderr, flush=True)
 
-    from moto.server import ThreadedMotoServer
-    import logging
-    import socket
+    from mindeye_dist.data.local_s3 import local_s3_server
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ[k] = v  # moto accepts any key; only for this loopback server
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     try:
-        endpoint = f"http://127.0.0.1:{port}"
-        fs = s3_filesystem(endpoint)
-        fs.mkdir("bench")
-        t = time.perf_counter()
-        fs.put(data_dir.rstrip("/") + "/", "bench/data/", recursive=True)
-        result["upload_s"] = time.perf_counter() - t
-        result["s3"] = _measure(DataConfig(url="s3://bench/data", s3_endpoint=endpoint, **base), batch_size, repeats, bytes_per_sample)
-        print(f"s3: {result['s3']['samples_per_s']:.0f} samples/s, {result['s3']['mb_per_s']:.1f} MB/s", file=sys.stderr, flush=True)
+        with local_s3_server() as endpoint:
+            fs = s3_filesystem(endpoint)
+            fs.mkdir("bench")
+            t = time.perf_counter()
+            fs.put(data_dir.rstrip("/") + "/", "bench/data/", recursive=True)
+            result["upload_s"] = time.perf_counter() - t
+            result["s3"] = _measure(DataConfig(url="s3://bench/data", s3_endpoint=endpoint, **base), batch_size, repeats, bytes_per_sample)
+            print(f"s3: {result['s3']['samples_per_s']:.0f} samples/s, {result['s3']['mb_per_s']:.1f} MB/s", file=sys.stderr, flush=True)
     finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         if tmp is not None:
             tmp.cleanup()
     result["s3_over_local"] = result["s3"]["samples_per_s"] / result["local"]["samples_per_s"]
