@@ -6,7 +6,6 @@ The safetensors file carries the model config and the dataset dimensions in its 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path

@@ -19,7 +19,6 @@ committed. Steps are numbered from 1, as in metrics.jsonl. Unset in normal runs.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import sys
@@ -34,7 +33,7 @@ from torch import nn
 
 from mindeye_dist import checkpoint as ckpt
 from mindeye_dist.config import ConfigError, ExperimentConfig, dump_config
-from mindeye_dist.distributed import get_local_rank, init_distributed, teardown_distributed
+from mindeye_dist.distributed import init_distributed, teardown_distributed
 from mindeye_dist.ds_config import load_ds_config, resolve_ds_config, write_ds_config
 
 log = logging.getLogger("mindeye_dist.train")
