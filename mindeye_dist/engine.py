@@ -45,6 +45,18 @@ class DeepSpeedEngine:
         self.dtype = compute_dtype(cfg.train.precision)
         self.zero_stage = zero_stage(ds_config)
         optimizer, self.optimizer_name = build_optimizer(model, cfg.optim, device=device, offload=offloads_optimizer(ds_config))
+        self._manual_check = self.zero_stage == 0 and self.dtype == torch.float32
+        self._skip_next = False
+        if self._manual_check:
+            # Installed before the LR scheduler wraps optimizer.step (it warns about later overrides).
+            original_step = optimizer.step
+
+            def guarded_step(opt, *args, **kwargs):
+                if self._skip_next:
+                    return None
+                return original_step(*args, **kwargs)
+
+            optimizer.step = types.MethodType(guarded_step, optimizer)
         self.scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
@@ -52,18 +64,10 @@ class DeepSpeedEngine:
             # ZeRO 1/2 skip the overflow check in fp32 by default; with it on they skip
             # non-finite steps on every rank (the check is all-reduced).
             self.engine.optimizer.check_grad_overflow = True
-        self._manual_check = self.zero_stage == 0 and self.dtype == torch.float32
-        self._skip_next = False
-        if self._manual_check:
-            inner = optimizer
-            original_step = inner.step
-
-            def guarded_step(opt, *args, **kwargs):
-                if self._skip_next:
-                    return None
-                return original_step(*args, **kwargs)
-
-            inner.step = types.MethodType(guarded_step, inner)
+        if self.zero_stage == 0 and self.engine.world_size == 1:
+            # With one rank DeepSpeed still flattens every gradient into buckets, "all-reduces"
+            # them, scales by 1/1 and copies them back: 20% of a 214M-parameter step, 1.26x (bench).
+            self.engine.enable_backward_allreduce = False
         log.info("optimizer: %s, ZeRO stage %d, %s", self.optimizer_name, self.zero_stage, cfg.train.precision)
 
     # -- the loop's protocol ------------------------------------------------------------------
