@@ -29,7 +29,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -39,13 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mindeye_dist.config import ConfigError, load_config  # noqa: E402
+from mindeye_dist.distributed import free_port  # noqa: E402
 
 
-def _free_port() -> int:
-    # A fixed 29500 collides with any other deepspeed/torchrun job on the host (tests run them).
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_ranks() -> tuple[int, str]:
@@ -113,7 +108,7 @@ def prepare(data_url: str, seed: int, s3_endpoint: str | None, micro_batch_size:
 def train(args, run_dir: Path, overrides: list[str]) -> tuple[int, list[str], float]:
     """Run the deepspeed launcher on every local accelerator; (return code, command, seconds)."""
     n, kind = _local_ranks()
-    cmd = [*_deepspeed_cmd(), "--num_accelerators", str(n), "--master_port", str(_free_port()),
+    cmd = [*_deepspeed_cmd(), "--num_accelerators", str(n), "--master_port", str(free_port()),
            "launchers/train.py", "--ds_config", args.ds_config, "--config", args.config,
            f"data.url={args.data_url}", f"run.dir={run_dir}", f"run.seed={args.seed}", *overrides]
     print(f"== training on {n} {kind} rank(s)\n   {shlex.join(cmd)}", flush=True)

@@ -120,7 +120,8 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
 # Process-group lifecycle (used by mindeye_dist.train.run)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for MASTER_PORT, launcher ports and loopback test servers)."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -145,7 +146,7 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.de
     if "MASTER_PORT" not in os.environ:
         if int(os.environ["WORLD_SIZE"]) > 1:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: start ranks with deepspeed, torchrun or srun")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from mindeye_dist.data.local_s3 import free_port  # noqa: F401  (re-exported for the tests)
 
 
 @dataclass(frozen=True)

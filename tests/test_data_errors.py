@@ -11,7 +11,7 @@ from mindeye_dist.data import (
     CorruptShardError, DataError, StorageError, build_eval_loader, build_synthetic_dataset, build_train_loader,
     import_arrays, read_meta,
 )
-from tests.s3_server import free_port
+from mindeye_dist.distributed import free_port
 from tests.test_data_arrays import write_contract
 
 

@@ -6,7 +6,6 @@ data-parallel averaging of parameter gradients divides the W back out.
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -78,12 +77,6 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _global_grads(mode):
     preds, targets = _global_inputs()
     preds.requires_grad_(True)
@@ -139,7 +132,7 @@ def test_gathered_equals_per_rank_on_one_rank(single_rank_group, mode, local_los
 
 @pytest.mark.distributed
 def test_two_rank_gather_matches_global_batch(tmp_path):
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, mdist.free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     preds, targets = _global_inputs()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from mindeye_dist.checkpoint import consolidated_state_dict, read_latest
+from mindeye_dist.distributed import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -25,10 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +45,9 @@ def launch(run_dir, data_url, *overrides, stage=2, faults="", launcher="deepspee
             "checkpoint.keep_last=3", *overrides]
     script = str(REPO / "launchers/train.py")
     if launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(_free_port()), script, "--ds_config", ds, *args]
+        cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port()), script, "--ds_config", ds, *args]
     elif launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), script, "--ds_config", ds, *args]
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), script, "--ds_config", ds, *args]
     else:
         cmd = [sys.executable, script, "--ds_config", ds, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

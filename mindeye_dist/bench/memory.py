@@ -20,20 +20,17 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from mindeye_dist.distributed import free_port
 from typing import Any
 
 from mindeye_dist.bench.common import REPO_ROOT, PresetSpec, count, experiment_config, log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss() -> int:
@@ -100,7 +97,7 @@ def worker(preset: str, ds_config: str, micro_batch: int, out_path: str) -> None
 
 def _run_stage(preset: str, stage: int, ds_config: str, micro_batch: int, timeout_s: float, tmp: str,
                tag: str = "") -> list[dict[str, Any]]:
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",

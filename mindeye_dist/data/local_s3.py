@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from typing import Iterator, Optional
+
+from mindeye_dist.distributed import free_port
 
 TEST_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -24,10 +25,6 @@ def restore_env(saved: dict[str, Optional[str]]) -> None:
             os.environ[key] = value
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
