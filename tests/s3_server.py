@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import pytest
 
 
-
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str
