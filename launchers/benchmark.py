@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     d = BenchmarkOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", action="append", default=None, help=f"training preset (repeatable; default {' '.join(d.presets)})")
-    p.add_argument("--micro-batch-sizes", type=_ints, default=d.micro_batch_sizes, help="comma-separated (default 8,32,128)")
+    p.add_argument("--micro-batch-sizes", type=_ints, default=d.micro_batch_sizes, help=f"comma-separated (default {','.join(map(str, d.micro_batch_sizes))})")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed steps per configuration; the median is reported")
     p.add_argument("--json", default=None, help="write the result JSON here")
     p.add_argument("--markdown", default=None, help="write the markdown tables here")
@@ -54,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-preset", default=None, help=f"preset of the ZeRO memory runs (default {d.memory_preset})")
     p.add_argument("--wait-for-idle", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for the 1-minute load average to drop below 0.8")
+    p.add_argument("--host-memory", choices=("reuse", "system"), default=d.host_memory,
+                   help="host allocator as train.host_memory (default reuse: freed memory kept for the next step)")
     p.add_argument("--work-dir", default=None, help="keep the generated datasets here and reuse them (default: temp dir)")
     args = p.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     opts = BenchmarkOptions(micro_batch_sizes=args.micro_batch_sizes, repeats=args.repeats, quick=args.quick,
                             sections=sections, precision=args.precision, ds_config=args.ds_config, work_dir=args.work_dir,
-                            wait_for_idle_s=args.wait_for_idle,
+                            wait_for_idle_s=args.wait_for_idle, host_memory=args.host_memory,
                             command="python launchers/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.quick:
         opts = opts.apply_quick()

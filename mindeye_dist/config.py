@@ -195,6 +195,10 @@ class TrainConfig:
     """Evaluate retrieval on the validation split every this many steps; 0 disables."""
     max_bad_steps: int = 5
     """Abort after this many consecutive steps with NaN/inf loss or gradients (they are skipped)."""
+    host_memory: Literal["reuse", "system"] = "reuse"
+    """Host allocator: 'reuse' keeps freed memory for the next step instead of unmapping it (glibc
+    mallopt: a third of the kernel time of a 214M-parameter CPU run; see mindeye_dist/hostmem.py
+    and BENCHMARKS.md); 'system' leaves glibc's defaults."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", self.max_steps, "a positive integer")

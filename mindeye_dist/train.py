@@ -179,6 +179,9 @@ def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str,
     rank, world_size, device = init_distributed()
     try:
         setup_logging(run_dir, rank)
+        from mindeye_dist import hostmem
+
+        hostmem.apply(cfg.train.host_memory)  # before the first large allocation
         ds_raw = load_ds_config(resolve_path(cfg.run.ds_config))
         ds = resolve_ds_config(ds_raw, cfg, world_size)  # fails before anything is allocated
         if cfg.train.precision == "fp16" and device.type == "cpu":

@@ -70,7 +70,14 @@ def test_sections_schema(result):
             assert all(v >= 0 and math.isfinite(v) for v in r["phase_s"].values())
     large = presets["tiny:hidden_dim=64"]
     assert large["is_large"] and large["profile"]["top_ops"] and large["profile"]["categories"]
-    assert "as shipped" in large["variants"]["rows"]
+    rows = large["variants"]["rows"]
+    assert {"as shipped", "off: system_malloc", "off: world1_allreduce", "off: per_param_finite_check"} <= set(rows)
+    assert all(_positive(r["step_time_s"]) for r in rows.values())
+    assert result["host_memory"] == "reuse"
+    from mindeye_dist import hostmem
+
+    assert hostmem.current() == "reuse"  # the variant runs put the shipped setting back
+    hostmem.system_defaults()  # the rest of the pytest process runs as before
     real = presets["tiny"]["real_loader"]
     assert 0.0 <= real["data_wait_share"] <= 1.0 and _positive(real["samples_per_s"])
     ref = result["reference"]

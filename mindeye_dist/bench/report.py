@@ -20,6 +20,7 @@ def _met(m: Optional[bool]) -> str:
 def format_markdown(r: dict[str, Any]) -> str:
     out = [f"**Device:** {r['device']}  ", f"**Date:** {r['date']}  ", f"**Command:** `{r.get('command') or '-'}`  ",
            f"**Precision:** {r['precision']}; torch threads {r['host'].get('torch_threads')}; "
+           f"host allocator {r.get('host_memory', 'unchanged')}; "
            f"load average at start {_f((r['host'].get('load_avg_at_start') or [None])[0], '{:.2f}')}, "
            f"at end {_f((r['host'].get('load_avg_at_end') or [None])[0], '{:.2f}')}; run took {r['duration_s']:.0f} s", ""]
     if r.get("load_warning"):
@@ -69,7 +70,8 @@ def format_markdown(r: dict[str, Any]) -> str:
                 out.append("")
             var = p.get("variants")
             if var:
-                out += [f"### Proposed engine changes, measured ({p['preset']}, micro-batch {var['micro_batch']})", "",
+                out += [f"### Shipped speed-ups, each turned off ({p['preset']}, micro-batch {var['micro_batch']}, "
+                        f"interleaved runs)", "",
                         "| variant | step ms | samples/s | of matmul peak | speed-up |", "|---|---|---|---|---|"]
                 for label, row in var["rows"].items():
                     out.append(f"| {label} | {row['step_time_s'] * 1e3:.0f} | {row['samples_per_s']:.2f} | "
@@ -100,7 +102,8 @@ def format_markdown(r: dict[str, Any]) -> str:
             out.append(f"| {src} | {data[src]['samples_per_s']:.0f} | {data[src]['mb_per_s']:.0f} |")
         out += ["", f"{data['train_samples']} train samples in {data['train_shards']} shards, "
                 f"{data['bytes_per_sample'] / 1e3:.0f} KB/sample, {data['num_workers']} workers, batch {data['batch_size']}, "
-                f"median of {data['repeats']} epoch(s); S3 = moto server on 127.0.0.1 through s3fs.", ""]
+                f"median of {data['repeats']} epoch(s); S3 = {data.get('s3_server', 'moto')} server on 127.0.0.1 "
+                f"through s3fs.", ""]
     mem = r.get("memory")
     if mem:
         out += [f"### ZeRO model-state memory per rank, 2 ranks, {mem['preset']} ({mem['params'] / 1e6:.0f}M params, "

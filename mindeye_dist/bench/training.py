@@ -147,44 +147,50 @@ def _category(op: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# "What-if" variants of the engine: measured in this process only, never a change to the library
+# Shipped speed-ups, each turned off again in this process: what each one buys, measured
 
 
-def _finite_by_norm(self) -> bool:
-    """Proposed replacement of ``DeepSpeedEngine._local_grads_finite_everywhere``: one fused
-    total-norm pass (``torch.nn.utils.get_total_norm``, foreach kernels, no per-parameter bool
-    temporaries); the norm is non-finite iff some gradient element is inf/NaN."""
+def _finite_per_parameter(self) -> bool:
+    """The engine's earlier check: ``isfinite(grad).all()`` per parameter (bool temporaries of
+    ~6 bytes per gradient element at the peak), verdict all-reduced."""
     import torch.distributed as dist
 
-    grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=self.device)
-    bad = (~torch.isfinite(norm)).float().reshape(())
+    ok = all(bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
+    bad = torch.tensor([0.0 if ok else 1.0], device=self.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0.0
 
 
 VARIANTS = {
-    "skip_world1_allreduce": "DeepSpeedEngine: engine.enable_backward_allreduce = False when world size is 1 "
-                             "(DeepSpeed ZeRO-0 otherwise flattens every gradient into 500M-element buckets, "
-                             "'all-reduces' them with one rank, scales by 1/1 and copies them back)",
-    "norm_finite_check": "DeepSpeedEngine._local_grads_finite_everywhere via one torch.nn.utils.get_total_norm pass "
-                         "instead of a per-parameter isfinite().any() (fp32 ZeRO-0 only)",
+    "system_malloc": "glibc's allocator defaults (blocks over 32 MiB mmapped and unmapped on free) instead of "
+                     "mindeye_dist.hostmem.reuse_freed_memory (train.host_memory=reuse)",
+    "world1_allreduce": "DeepSpeed's backward all-reduce left on with one rank (it flattens every gradient into "
+                        "buckets, 'all-reduces' them over one rank, scales by 1/1 and copies them back)",
+    "per_param_finite_check": "the non-finite gradient check as one isfinite().all() per parameter instead of one "
+                              "torch.nn.utils.get_total_norm pass (fp32 ZeRO-0 only)",
 }
 
 
 def apply_variants(engine, names: list[str]) -> None:
+    from mindeye_dist import hostmem
+
     for name in names:
-        if name == "skip_world1_allreduce":
-            engine.engine.enable_backward_allreduce = False
-        elif name == "norm_finite_check":
-            engine._local_grads_finite_everywhere = types.MethodType(_finite_by_norm, engine)
+        if name == "system_malloc":
+            hostmem.system_defaults()
+        elif name == "world1_allreduce":
+            engine.engine.enable_backward_allreduce = True
+        elif name == "per_param_finite_check":
+            engine._local_grads_finite_everywhere = types.MethodType(_finite_per_parameter, engine)
         else:
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
 
-def reset_variants(engine) -> None:
-    engine.engine.enable_backward_allreduce = True
+def reset_variants(engine, host_memory: str) -> None:
+    from mindeye_dist import hostmem
+
+    hostmem.apply(host_memory)
+    engine.engine.enable_backward_allreduce = engine.engine.world_size > 1 or engine.zero_stage != 0
     engine.__dict__.pop("_local_grads_finite_everywhere", None)
 
 
@@ -274,21 +280,31 @@ def measure_preset(spec: PresetSpec, micro_batches: list[int], *, repeats: int, 
 
 def measure_variants(engine, stepper: Stepper, batch, base_row: dict, repeats: int, flops_per_sample: float,
                      peak: float, datasheet_peak: Optional[float], device) -> dict[str, Any]:
-    """Step time with each proposed engine change alone and both together (the baseline is
-    re-measured in the same window, so load drift hits both sides alike)."""
+    """Step time as shipped and with each shipped speed-up turned off on its own (the baseline is
+    re-measured in the same window, interleaved, so load drift hits every side alike)."""
+    from mindeye_dist import hostmem
+
+    host_memory = "reuse" if hostmem.current() == "reuse" else "system"
     mb = base_row["micro_batch"]
-    result: dict[str, Any] = {"micro_batch": mb, "descriptions": VARIANTS, "rows": {}}
-    for label, names in (("as shipped", []), ("skip_world1_allreduce", ["skip_world1_allreduce"]),
-                         ("norm_finite_check", ["norm_finite_check"]),
-                         ("both", ["skip_world1_allreduce", "norm_finite_check"])):
-        if "norm_finite_check" in names and not engine._manual_check:
-            continue
-        apply_variants(engine, names)
-        try:
-            times, phases = _timed_steps(stepper, batch, repeats, 1e9, device)
-        finally:
-            reset_variants(engine)
-        row = _row(mb, times, phases, flops_per_sample, peak, datasheet_peak)
+    labels = [("as shipped", [])] + [(f"off: {n}", [n]) for n in VARIANTS
+                                      if n != "per_param_finite_check" or engine._manual_check]
+    if host_memory != "reuse":
+        labels = [lab for lab in labels if lab[1] != ["system_malloc"]]
+    result: dict[str, Any] = {"micro_batch": mb, "descriptions": VARIANTS, "host_memory": host_memory, "rows": {}}
+    times: dict[str, list[float]] = {label: [] for label, _ in labels}
+    phases: dict[str, list] = {label: [] for label, _ in labels}
+    for _ in range(max(1, repeats)):
+        for label, names in labels:
+            apply_variants(engine, names)
+            try:
+                stepper(batch)  # a warm-up step after the switch (the allocator refills, buckets are built)
+                t, p = _timed_steps(stepper, batch, 1, 1e9, device)
+            finally:
+                reset_variants(engine, host_memory)
+            times[label] += t
+            phases[label] += p
+    for label, _ in labels:
+        row = _row(mb, times[label], phases[label], flops_per_sample, peak, datasheet_peak)
         result["rows"][label] = row
         log(f"variant {label}: {row['step_time_s'] * 1e3:.1f} ms/step ({row['fraction_of_peak']:.2f} of peak)")
     base = result["rows"]["as shipped"]["step_time_s"]
