@@ -97,9 +97,11 @@ def format_markdown(r: dict[str, Any]) -> str:
         dd = data.get("dims", {})
         out += [f"### Data loader ({dd.get('n_voxels')}x3 voxels + {dd.get('n_tokens')}x{dd.get('token_dim')} targets "
                 f"per sample, float16)", "",
-                "| source | samples/s | MB/s |", "|---|---|---|"]
+                "| source | samples/s | MB/s | loader CPU s/GB | server CPU s/GB |", "|---|---|---|---|---|"]
         for src in ("local", "s3"):
-            out.append(f"| {src} | {data[src]['samples_per_s']:.0f} | {data[src]['mb_per_s']:.0f} |")
+            d = data[src]
+            out.append(f"| {src} | {d['samples_per_s']:.0f} | {d['mb_per_s']:.0f} | {_f(d.get('client_cpu_s_per_gb'), '{:.2f}')} | "
+                       f"{_f(d.get('server_cpu_s_per_gb'), '{:.2f}') if src == 's3' else '-'} |")
         out += ["", f"{data['train_samples']} train samples in {data['train_shards']} shards, "
                 f"{data['bytes_per_sample'] / 1e3:.0f} KB/sample, {data['num_workers']} workers, batch {data['batch_size']}, "
                 f"median of {data['repeats']} epoch(s); S3 = {data.get('s3_server', 'moto')} server on 127.0.0.1 "

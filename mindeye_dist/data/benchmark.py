@@ -7,6 +7,7 @@ times full training epochs of the real loader from both places and reports media
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -20,23 +21,57 @@ from mindeye_dist.data.prepare import build_synthetic_dataset
 from mindeye_dist.data.storage import Storage, s3_filesystem
 
 
-def _time_epoch(cfg: DataConfig, batch_size: int, epoch: int) -> tuple[float, int]:
+def _cpu_s(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def _process_cpu_s(pid: Optional[int]) -> float:
+    """CPU seconds of another live process (user + system, from /proc; 0 if unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _time_epoch(cfg: DataConfig, batch_size: int, epoch: int, server_pid: Optional[int]) -> dict:
+    """One epoch: wall time, samples, and CPU seconds of this process, of the loader's workers
+    (children, counted once they have exited at the end of the epoch) and of the S3 server."""
     loader = build_train_loader(cfg, batch_size, seed=0, rank=0, world_size=1)
+    c_self, c_kids, c_srv = _cpu_s(resource.RUSAGE_SELF), _cpu_s(resource.RUSAGE_CHILDREN), _process_cpu_s(server_pid)
     t = time.perf_counter()
     n = sum(len(b) for b in loader.epoch_batches(epoch))
-    return time.perf_counter() - t, n
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "samples": n, "main_cpu_s": _cpu_s(resource.RUSAGE_SELF) - c_self,
+            "workers_cpu_s": _cpu_s(resource.RUSAGE_CHILDREN) - c_kids, "server_cpu_s": _process_cpu_s(server_pid) - c_srv}
 
 
-def _measure(cfg: DataConfig, batch_size: int, repeats: int, bytes_per_sample: float) -> dict:
-    runs = [_time_epoch(cfg, batch_size, epoch) for epoch in range(repeats)]
-    rates = [n / t for t, n in runs]
+def _measure(cfg: DataConfig, batch_size: int, repeats: int, bytes_per_sample: float, server_pid: Optional[int] = None) -> dict:
+    runs = [_time_epoch(cfg, batch_size, epoch, server_pid) for epoch in range(repeats)]
+    rates = [r["samples"] / r["wall_s"] for r in runs]
     med = statistics.median(rates)
-    return {"samples_per_s": med, "mb_per_s": med * bytes_per_sample / 1e6, "runs_samples_per_s": rates, "samples": runs[0][1]}
+    gb = runs[0]["samples"] * bytes_per_sample / 1e9
+
+    def per_gb(key: str) -> float:
+        return statistics.median(r[key] for r in runs) / gb
+
+    # The loader's own CPU (this process + its workers) and the server's, per GB delivered: on a
+    # machine with few cores the loader is CPU-bound, so these explain the samples/s.
+    return {"samples_per_s": med, "mb_per_s": med * bytes_per_sample / 1e6, "runs_samples_per_s": rates,
+            "samples": runs[0]["samples"], "client_cpu_s_per_gb": per_gb("main_cpu_s") + per_gb("workers_cpu_s"),
+            "server_cpu_s_per_gb": per_gb("server_cpu_s"), "runs": runs}
 
 
 def run_benchmark(data_dir: Optional[str] = None, preset: str = "demo", num_workers: int = 2, batch_size: int = 32,
-                  repeats: int = 3, shuffle_buffer: int = 500) -> dict:
-    """Measure loader samples/s and MB/s (local vs loopback S3); returns a JSON-ready dict."""
+                  repeats: int = 3, shuffle_buffer: int = 500, separate_server: bool = True) -> dict:
+    """Measure loader samples/s and MB/s (local vs loopback S3); returns a JSON-ready dict.
+
+    The S3 server runs in its own process by default (``separate_server``): in this process it
+    would share the GIL with the loader's consumer thread, which a real object store does not."""
     tmp = None
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="mindeye_bench_")
@@ -52,7 +87,7 @@ def run_benchmark(data_dir: Optional[str] = None, preset: str = "demo", num_work
     result = {
         "preset": preset, "train_samples": split.count, "train_shards": len(split.shards), "bytes_per_sample": bytes_per_sample,
         "num_workers": num_workers, "batch_size": batch_size, "repeats": repeats, "shuffle_buffer": shuffle_buffer,
-        "build_s": build_s, "cpu_count": os.cpu_count(),
+        "build_s": build_s, "cpu_count": os.cpu_count(), "s3_server": "moto, own process" if separate_server else "moto, in-process thread",
     }
     base = dict(num_workers=num_workers, shuffle_buffer=shuffle_buffer, train_reps="one")
     result["local"] = _measure(DataConfig(url=data_dir, **base), batch_size, repeats, bytes_per_sample)
@@ -61,13 +96,16 @@ def run_benchmark(data_dir: Optional[str] = None, preset: str = "demo", num_work
     from mindeye_dist.data.local_s3 import local_s3_server
 
     try:
-        with local_s3_server() as endpoint:
+        with local_s3_server(separate_process=separate_server) as endpoint:
             fs = s3_filesystem(endpoint)
             fs.mkdir("bench")
             t = time.perf_counter()
             fs.put(data_dir.rstrip("/") + "/", "bench/data/", recursive=True)
             result["upload_s"] = time.perf_counter() - t
-            result["s3"] = _measure(DataConfig(url="s3://bench/data", s3_endpoint=endpoint, **base), batch_size, repeats, bytes_per_sample)
+            from mindeye_dist.data.local_s3 import SERVER_PIDS
+
+            result["s3"] = _measure(DataConfig(url="s3://bench/data", s3_endpoint=endpoint, **base), batch_size, repeats,
+                                    bytes_per_sample, SERVER_PIDS.get(endpoint))
             print(f"s3: {result['s3']['samples_per_s']:.0f} samples/s, {result['s3']['mb_per_s']:.1f} MB/s", file=sys.stderr, flush=True)
     finally:
         if tmp is not None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import IO, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import webdataset as wds
 from mindeye_dist.data.batch import Batch
 from mindeye_dist.data.errors import CorruptShardError, DataError, StorageError
 from mindeye_dist.data.meta import ShardInfo
-from mindeye_dist.data.storage import storage_errors
+from mindeye_dist.data.storage import is_s3, open_shard, storage_errors, wait_open
 
 _REQUIRED = {"voxels": "voxels.npy", "targets": "targets.npy", "images": "png", "vae": "vae.npy"}
 
@@ -110,12 +111,20 @@ def _group_samples(files: Iterable[dict], url: str) -> Iterator[dict]:
         yield current
 
 
-def shard_samples(seg: Segment, fields: Sequence[str]) -> Iterator[dict]:
+def shard_samples(seg: Segment, fields: Sequence[str], stream: Optional[IO[bytes]] = None) -> Iterator[dict]:
     """Raw samples [skip, skip + take) of one shard, undecoded. Truncation, tar damage, a count
     that disagrees with meta.json or a missing field raise CorruptShardError naming the shard;
-    unreachable storage raises StorageError."""
-    with storage_errors(seg.url, "open shard", seg.endpoint):
-        stream = wds.gopen(seg.url, "rb", **({"endpoint": seg.endpoint} if seg.endpoint else {}))
+    unreachable storage raises StorageError. ``stream``: the shard already opened by
+    :func:`open_shard` (a prefetch); it is closed here either way."""
+    try:
+        with storage_errors(seg.url, "open shard", seg.endpoint):
+            if stream is None:
+                stream = open_shard(seg.url, seg.endpoint)
+            wait_open(stream)
+    except BaseException:
+        if stream is not None:
+            stream.close()
+        raise
     seen = 0
     try:
         for sample in _group_samples(wds.tariterators.tar_file_iterator(stream), seg.url):
@@ -145,6 +154,18 @@ def shard_samples(seg: Segment, fields: Sequence[str]) -> Iterator[dict]:
         stream.close()
 
 
+PREFETCH_SHARDS = int(os.environ.get("MINDEYE_PREFETCH_SHARDS", "2"))
+"""Remote shards opened ahead of the one being decoded, per loader worker (each buffers at most
+``(ahead + 1) x 8 MB``; see ``storage.PipelinedReader``)."""
+
+
+def _open_ahead(seg: Segment) -> Optional[IO[bytes]]:
+    try:
+        return open_shard(seg.url, seg.endpoint)
+    except Exception:  # noqa: BLE001 - shard_samples opens it again and reports the error properly
+        return None
+
+
 def read_segments(
     segments: Sequence[Segment], fields: Sequence[str], quota: Optional[int], on_corrupt: str, corrupt_counter, refill: bool
 ) -> Iterator[dict]:
@@ -155,24 +176,34 @@ def read_segments(
     produced, bad = 0, set()
     while True:
         made = 0
-        for seg in segments:
-            if seg.name in bad:
-                continue
-            try:
-                for sample in shard_samples(seg, fields):
-                    yield sample
-                    produced += 1
-                    made += 1
-                    if quota is not None and produced >= quota:
-                        return
-            except CorruptShardError as err:
-                if on_corrupt != "skip":
-                    raise
-                bad.add(seg.name)
-                if corrupt_counter is not None:
-                    with corrupt_counter.get_lock():
-                        corrupt_counter.value += 1
-                warnings.warn(f"skipping corrupt shard (data.on_corrupt=skip): {err}", RuntimeWarning, stacklevel=2)
+        todo = [seg for seg in segments if seg.name not in bad]
+        ahead: dict[int, IO[bytes]] = {}  # index in todo -> stream opened early
+        try:
+            for i, seg in enumerate(todo):
+                stream = ahead.pop(i, None)
+                for j in range(i + 1, min(i + 1 + PREFETCH_SHARDS, len(todo))):
+                    if j not in ahead and is_s3(todo[j].url):
+                        opened = _open_ahead(todo[j])  # its bytes arrive while this shard decodes
+                        if opened is not None:
+                            ahead[j] = opened
+                try:
+                    for sample in shard_samples(seg, fields, stream):
+                        yield sample
+                        produced += 1
+                        made += 1
+                        if quota is not None and produced >= quota:
+                            return
+                except CorruptShardError as err:
+                    if on_corrupt != "skip":
+                        raise
+                    bad.add(seg.name)
+                    if corrupt_counter is not None:
+                        with corrupt_counter.get_lock():
+                            corrupt_counter.value += 1
+                    warnings.warn(f"skipping corrupt shard (data.on_corrupt=skip): {err}", RuntimeWarning, stacklevel=2)
+        finally:
+            for stream in ahead.values():
+                stream.close()
         if quota is None or produced >= quota or not refill:
             return
         if made == 0:
