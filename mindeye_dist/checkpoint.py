@@ -29,6 +29,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from mindeye_dist.fsutil import atomic_write_bytes, fsync_dir
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 
@@ -96,27 +98,6 @@ def set_rng_state(state: dict[str, Any], extra_generators: Optional[dict[str, to
             gen.set_state(state["generators"][name])
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -162,7 +143,7 @@ def write_rank_state(ckpt_dir: Path, tag: str, rank: int, state: TrainState, rng
     target.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save({"train_state": state.to_dict(), "rng": rng}, target / f"train_state_rank{rank:05d}.pt")
     if rank == 0:
-        _atomic_write_bytes(target / "train_state.json", (json.dumps(state.to_dict(), indent=2) + "\n").encode())
+        atomic_write_bytes(target / "train_state.json", (json.dumps(state.to_dict(), indent=2) + "\n").encode())
 
 
 def commit(ckpt_dir: Path, tag: str, keep_last: int) -> list[str]:
@@ -171,8 +152,8 @@ def commit(ckpt_dir: Path, tag: str, keep_last: int) -> list[str]:
     Returns the tags removed. Only checkpoints older than the new one are pruned, and the
     partial directories of killed saves are removed with them.
     """
-    _atomic_write_bytes(ckpt_dir / tag / COMPLETE, b"")
-    _atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
+    atomic_write_bytes(ckpt_dir / tag / COMPLETE, b"")
+    atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
     removed = []
     complete = complete_tags(ckpt_dir)
     keep = set(complete[-keep_last:]) | {tag}

@@ -447,10 +447,9 @@ def dump_config(cfg: Any, path: str | os.PathLike | None = None) -> str:
     """Serialise ``cfg`` as YAML; also write it to ``path`` when given."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        from mindeye_dist.fsutil import atomic_write_bytes
+
+        atomic_write_bytes(path, text.encode())
     return text
 
 

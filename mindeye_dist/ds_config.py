@@ -114,8 +114,6 @@ def resolve_ds_config(ds: dict[str, Any], cfg: ExperimentConfig, world_size: int
 
 
 def write_ds_config(ds: dict[str, Any], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(ds, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from mindeye_dist.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(ds, indent=2, sort_keys=True) + "\n").encode())
