@@ -202,8 +202,8 @@ class PipelinedReader(io.RawIOBase):
     """An S3 object read by a background thread in 1 MB pieces, at most ``ahead_bytes`` ahead
     of the consumer.
 
-    The loader's workers decode one shard while the next ones' bytes arrive (the loader opens
-    the next shards as it starts one, ``pipeline.PREFETCH_SHARDS``): without it every GET's
+    The loader's workers decode one shard while the next one's bytes arrive (the loader opens
+    the next shard as it starts one, ``pipeline.PREFETCH_SHARDS``): without it every GET's
     latency stalls the worker, which measured 0.66 s of waiting per epoch of 58 shards on a
     loopback server, and real S3's first byte takes tens of milliseconds. The bytes come through
     :class:`_S3HttpGetter` (a signed GET on urllib3, a third of s3fs's CPU per MB), or through
