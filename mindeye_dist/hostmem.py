@@ -86,6 +86,9 @@ def system_defaults() -> bool:
                (_M_TRIM_THRESHOLD, _SYSTEM_TRIM_THRESHOLD), (_M_TOP_PAD, _SYSTEM_TOP_PAD)])
     if ok:
         _state = "system"
+        # hand back what "reuse" kept, so large blocks are mmapped again as in a fresh process
+        # (the heap's free chunks would otherwise keep serving them without faults)
+        _libc().malloc_trim(0)
     return ok
 
 
