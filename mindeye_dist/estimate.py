@@ -24,29 +24,85 @@ counted matmuls, so the meta count is the complete one.
 Memory per rank (``estimate(cfg, world_size=N, ds_config=..., micro_batch_size=B, precision=...)``)
 --------------------------------------------------------------------------------------------------
 
-Model states follow the ZeRO paper (arXiv 1910.02054 section 5) with Adam, Ψ = parameter count,
-N = world size (the data-parallel degree), bytes per parameter:
+What DeepSpeed 0.19 allocates per rank with this trainer's client optimizer (torch AdamW: two fp32
+moments, 8 bytes per element it updates), read from its source and checked tensor by tensor
+against a 2-rank run (``bench.memory``; ``tests/test_estimate.py`` pins the terms). Ψ = parameter
+count, N = world size, P = bytes per parameter element (4 fp32, 2 bf16/fp16), S = this rank's
+partition (elements), L = the largest layer (the most parameters held directly by one module,
+DeepSpeed's ``model_to_params`` definition). Parameter order and optimizer groups are those of
+:func:`mindeye_dist.optim.param_groups` (decayed weights, then biases/norms), which DeepSpeed
+flattens group by group.
 
-=========  ======  =====  =========================================================
-precision  params  grads  optimizer states
-=========  ======  =====  =========================================================
-bf16/fp16  2       2      12 (fp32 master copy 4 + Adam m 4 + v 4)   = 16 in total
-fp32       4       4      8  (Adam m, v; the params are the master copy) = 16 in total
-=========  ======  =====  =========================================================
+**Model states** (``model_states_bytes``): what is alive at the end of backward, when parameters,
+gradients (as the stage keeps them after its reduction), optimizer states and persistent buffers
+coexist; the harness measures exactly there.
 
-Stage 0 keeps all three whole on every rank; stage 1 partitions the optimizer states, stage 2
-also the gradients, stage 3 also the parameters. A partition is ``ceil(Ψ / N)`` elements
-(DeepSpeed's alignment padding is ignored). ZeRO-3 adds the largest layer gathered in full
-during its backward: its parameters plus its unreduced gradient, ``L × (params + grads bytes)``
-(4L in bf16, the same ``4 * largest_layer_params`` DeepSpeed's estimator uses), where L is the
-largest number of parameters held directly by one module (DeepSpeed's definition).
+=====  ======================================  =====================================================
+stage  term                                    DeepSpeed source (``deepspeed/runtime/...``)
+=====  ======================================  =====================================================
+0      params PΨ, grads PΨ, moments 8Ψ         ``engine.py`` (plain optimizer on the module)
+0      bf16/fp16: fp32 master 4Ψ               ``fp16/unfused_optimizer.py`` FP16_UnfusedOptimizer
+                                               (``fp32_groups``; chosen as ``DDP_BFLOAT16`` by
+                                               ``engine._do_optimizer_sanity_check``)
+1, 2   params PΨ (every rank)                  ``zero/stage_1_and_2.py`` ``bit16_groups_flat``
+1, 2   fp32 master 4S, **also in fp32**        ``single_partition_of_fp32_groups`` (a clone)
+1, 2   moments 8S                              the client optimizer on that partition
+1, 2   grads P x (sum of the *whole* sizes     ``copy_grads_in_partition`` into
+       of the params overlapping the rank's    ``grads_in_partition`` (``get_partition_info``);
+       range), max over ranks                  S per group = ceil(n / 2N) * 2N / N
+3      params P*sum(ceil(n/N)) + P x params    ``zero/stage3.py`` ``lp_param_buffer`` (defragmented
+       <= ``param_persistence_threshold``      ``ds_tensor``); ``parameter_offload.py``
+       (kept whole, "persistent")              ``mark_persistent_parameters``
+3      fp32 master 4S, **also in fp32**        ``_create_fp32_partitions``: its no-copy branch
+                                               compares a ``torch.device`` with a device-name
+                                               string, never equal, so fp32 is cloned too
+3      moments 8S; grads PS                    ``grad_partitions_flat_buffer`` (gradient
+                                               accumulation dtype = the model's)
+3      buffer P x min(reduce_bucket_size, Ψ)   ``_setup_for_real_optimizer``: the ipg bucket, kept
+                                               for the run (pages resident once filled)
+=====  ======================================  =====================================================
 
-Offload variants (only for a DeepSpeed config that offloads): ``offload_optimizer`` moves the
-optimizer-state partition and an fp32 gradient partition (4 bytes/param) to the host (CPU, or
-NVMe if the config says so); with stage 2/3 the device then keeps no gradient partition
-(gradients are reduced through buckets straight into the host buffers; buckets are not
-counted), with stage 1 it still holds the whole gradients. ``offload_param`` (stage 3) also moves
-the parameter partition to the host; the gathered layer stays on the device.
+So per rank, fp32: ZeRO-0 16Ψ; ZeRO-1/2 4Ψ + 16S (+ straddling grads); ZeRO-3 20S + 4B. bf16:
+ZeRO-0 16Ψ; ZeRO-1/2 2Ψ + 14S; ZeRO-3 16S + 2B. At N = 2 ZeRO-3/ZeRO-0 is 0.625 + B/4Ψ in fp32
+(DeepSpeed keeps an fp32 master beside the fp32 parameters) and 0.5 + B/8Ψ in bf16.
+
+**Transients** (``transient``, per phase; ``transient_bytes`` = the largest, on top of the states;
+``peak_bytes`` = states + transient + activations). Approximate, within ~20% of the measured
+step peak at scale-200m:
+
+* ZeRO-0: the gradient all-reduce flattens gradients into a bucket of min(Ψ, 5e8) elements
+  (``engine.allreduce_gradients`` -> ``buffered_allreduce_fallback``, ``MEMORY_OPT_ALLREDUCE_SIZE``;
+  world size > 1); bf16/fp16: ``FP16_UnfusedOptimizer.step`` makes fp32 copies of all gradients (4Ψ).
+* ZeRO-1: every unreduced gradient (PΨ) plus the ipg bucket, before the kept gradients exist.
+* ZeRO-2: the ipg bucket(s), min(k x reduce_bucket_size, Ψ) elements with k = 2 under
+  ``overlap_comm`` (``setup_buckets``), plus one unreduced gradient (the largest parameter).
+* ZeRO-1/2 step: the kept gradients flattened into the partition and cast to fp32 (P*S + 4S in
+  bf16, 4S in fp32: the cast is a no-op).
+* ZeRO-3 backward: gathered parameters, min(Ψ, max(L, ``stage3_max_live_parameters``))
+  (``gathered_layer_bytes``; the partitioned-parameter coordinator releases only beyond that),
+  plus the prefetch bucket and L's unreduced gradient. With ``memory_efficient_linear`` off
+  (default on: ``zero/linear.py``), plain ``F.linear`` keeps every gathered weight alive until its
+  backward, so all Ψ are held then. Step: ``_prepare_fp32_grad_for_sub_group``
+  flattens the gradient partition and casts it to fp32 (P*S + 4S in bf16, 4S in fp32).
+
+Bucket sizes and ZeRO-3 knobs come from the DeepSpeed config's ``zero_optimization`` block (either
+spelling, e.g. ``stage3_max_live_parameters``), else DeepSpeed's defaults (:data:`ZERO_DEFAULTS`,
+5e8-element buckets). The shipped ``ds_configs`` use 5e7-element buckets at ZeRO-1/2 (at 5e8 a
+model under 500M parameters gets a second full gradient copy) and, at ZeRO-3, 2e7-element
+reduce/prefetch buckets with ``stage3_max_live_parameters`` = ``stage3_max_reuse_distance`` = 1e8
+(at 1e9 every parameter of a model under 1B stays gathered from forward to backward: the ZeRO-3
+peak then holds the whole model, PΨ, again).
+
+Offload variants (only for a DeepSpeed config that offloads; not measured here): ``offload_optimizer``
+moves the fp32 master, the moments and an fp32 gradient partition (4S) to the host, and the device
+keeps no gradients at stage 1/2 (copied to the host during the reduction) nor at stage 3 (its
+gradient partition lives on the host). ``offload_param`` (stage 3) moves the parameter partition
+to the host; persistent parameters and the gathered ones stay on the device.
+
+Not counted: the allocator's cached free memory (glibc keeps freed heap chunks resident until
+trimmed, 0.05-0.16 GiB at ZeRO-3 here), the CUDA context (~0.5-1 GiB), code pages, and the
+one-off peaks of engine construction (flattening the parameters at ZeRO-1/2; without
+``deepspeed.zero.Init`` the full fp32 model on every rank).
 
 Activations for one micro-batch are measured, not modelled: one training forward (model with
 every head plus the prior's loss, as in :func:`measure_step_flops`) runs on the meta device with
@@ -58,8 +114,6 @@ estimate *without activation checkpointing*: it assumes every leaf output stays 
 backward, which overcounts outputs that autograd does not save (and dropout or activation
 outputs that share storage with what is saved), while it misses functional intermediates inside
 non-leaf modules (residual adds, attention logits inside SDPA or einsum code, dropout masks).
-Temporary buffers (DeepSpeed's reduce/all-gather buckets, the allocator's fragmentation, the
-CUDA context of ~0.5-1 GiB) come on top.
 
 ``result["memory"]``::
 
@@ -72,17 +126,24 @@ CUDA context of ~0.5-1 GiB) come on top.
      "activations_bytes": ...,               # fixed + per_sample × micro_batch_size
      "stages": {
         "0": {"stage": 0, "offload_optimizer": False, "offload_param": False,
-              "params_bytes", "grads_bytes", "optimizer_bytes",  # on the device, per rank
-              "gathered_layer_bytes",                            # ZeRO-3 only, else 0
-              "model_states_bytes",                              # sum of the four above
+              "params_bytes", "grads_bytes",                     # on the device, per rank
+              "optimizer_bytes",                                 # fp32 master + moments
+              "master_bytes",                                    # the fp32 master part of it
+              "buffers_bytes",                                   # ZeRO-3's persistent ipg bucket
+              "model_states_bytes",                              # params + grads + optimizer + buffers
+              "gathered_layer_bytes",                            # ZeRO-3 gathered params (transient)
+              "transient": {phase: bytes}, "transient_bytes",    # on top of the states
+              "partition_numel",                                 # S (Ψ at stage 0)
               "activations_bytes",
               "total_bytes",                                     # model states + activations
+              "peak_bytes",                                      # + transient_bytes
+              "zero": {...},                                     # the bucket / ZeRO-3 knobs used
               "host_bytes",                                      # offloaded states per rank (else 0)
               "deepspeed_estimate_bytes",                        # DeepSpeed's device bytes or None
               "deepspeed_estimate": None or {
                   "function": "deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs",
                   "device_bytes": ..., "host_bytes_per_node": ...,
-                  "additional_buffer_factor": 1.5, "zero_init": False,
+                  "additional_buffer_factor": 1.5, "zero_init": True,
                   "cpu_offload": ..., "cpu_offload_params": ...}},
         "1": ..., "2": ..., "3": ...,        # without a DeepSpeed config: stages 0-3
         "2+offload_optimizer": ...,          # with one: its stage, plus its offload variants
@@ -95,19 +156,19 @@ additional_buffer_factor) -> (cpu_bytes, gpu_bytes)`` in ``deepspeed.runtime.zer
 and ``estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, num_gpus_per_node,
 num_nodes, cpu_offload, cpu_offload_params, zero_init, additional_buffer_factor) -> (cpu_bytes,
 gpu_bytes, largest_layer_bytes)`` in ``deepspeed.runtime.zero.stage3``. They assume mixed precision
-(GPU: 2Ψ + 18Ψ/N for ZeRO-2, 4L + 18Ψ/N for ZeRO-3: the 2 bytes more than the paper's 16 are
-the fp32 gradient partition) and apply ``additional_buffer_factor`` to host memory only; the host
-number is per node. ``zero_init=False`` because this trainer builds the whole model on every rank
-before ``deepspeed.initialize`` (no ``deepspeed.zero.Init``). DeepSpeed has no estimator for
-stages 0 and 1 or for parameter offload without optimizer offload: those report None. Its
-``model_to_params`` helpers deduplicate by ``data_ptr()``, which is 0 for every meta tensor, so
-Ψ and L are counted here (``model.parameters()`` already yields a shared parameter once).
+(GPU: 2Ψ + 18Ψ/N for ZeRO-2, 4L + 18Ψ/N for ZeRO-3) and apply ``additional_buffer_factor`` to
+host memory only; the host number is per node. ``zero_init=True`` at stage 3 because
+:func:`mindeye_dist.train.build_model_for_engine` builds the model under ``deepspeed.zero.Init``
+there. DeepSpeed has no estimator for stages 0 and 1 or for parameter offload without optimizer
+offload: those report None. Its ``model_to_params`` helpers deduplicate by ``data_ptr()``, which
+is 0 for every meta tensor, so Ψ and L are counted here (``model.parameters()`` already yields a
+shared parameter once).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import sys
 from typing import Any, Optional
 
 import torch
@@ -117,7 +178,10 @@ from mindeye_dist.models.config import ModelConfig
 from mindeye_dist.models.mindeye import COMPONENTS, MindEye, build_model, component_parameters
 
 STATE_BYTES: dict[str, tuple[int, int, int]] = {"bf16": (2, 2, 12), "fp16": (2, 2, 12), "fp32": (4, 4, 8)}
-"""Bytes per parameter of (params, grads, optimizer states) with Adam, per precision (ZeRO paper)."""
+"""The ZeRO paper's bytes per parameter of (params, grads, optimizer states) with Adam, per
+precision: its 16-byte accounting, kept for reference and as the list of precisions. DeepSpeed
+allocates more in fp32 (an fp32 master beside the fp32 parameters at ZeRO >= 1); the memory model
+uses :data:`PARAM_BYTES`, :data:`MASTER_BYTES` and :data:`MOMENT_BYTES`."""
 
 ACTIVATION_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 """Bytes per activation element per precision."""
@@ -275,10 +339,98 @@ def activation_elements(model: MindEye, device: str | torch.device = "meta") -> 
     return per_sample, two - 2 * per_sample
 
 
+PARAM_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
+"""Bytes per element of the model's parameters, gradients and communication buffers per precision."""
+
+MASTER_BYTES = 4
+"""fp32 master copy of the parameters, per element (DeepSpeed keeps one at every ZeRO stage >= 1
+and for bf16/fp16 at stage 0)."""
+
+MOMENT_BYTES = 8
+"""Adam's exp_avg + exp_avg_sq in fp32, per element."""
+
+ENGINE_ALLREDUCE_ELEMENTS = 500_000_000
+"""``deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE``: the bucket ZeRO-0's gradient all-reduce
+flattens gradients into (``DeepSpeedEngine.allreduce_gradients`` -> ``buffered_allreduce_fallback``)."""
+
+ZERO_DEFAULTS: dict[str, Any] = {
+    "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000, "overlap_comm": None,
+    "contiguous_gradients": True, "prefetch_bucket_size": 50_000_000, "param_persistence_threshold": 100_000,
+    "model_persistence_threshold": sys.maxsize, "max_live_parameters": 1_000_000_000,
+    "max_reuse_distance": 1_000_000_000, "sub_group_size": 1_000_000_000, "memory_efficient_linear": True,
+}
+"""DeepSpeed's ``DeepSpeedZeroConfig`` defaults (deepspeed/runtime/zero/config.py; ``overlap_comm``
+None means on for stage 3, off below), for the knobs the memory model reads."""
+
+_ZERO_ALIASES = {"prefetch_bucket_size": "stage3_prefetch_bucket_size",
+                 "param_persistence_threshold": "stage3_param_persistence_threshold",
+                 "model_persistence_threshold": "stage3_model_persistence_threshold",
+                 "max_live_parameters": "stage3_max_live_parameters",
+                 "max_reuse_distance": "stage3_max_reuse_distance"}
+
+
+def zero_settings(ds_config: Optional[dict[str, Any]], stage: int) -> dict[str, Any]:
+    """The ZeRO knobs the memory model uses: the config's ``zero_optimization`` values (either
+    spelling, e.g. ``stage3_max_live_parameters`` or ``max_live_parameters``), else DeepSpeed's
+    defaults (:data:`ZERO_DEFAULTS`)."""
+    zo = dict((ds_config or {}).get("zero_optimization") or {})
+    out: dict[str, Any] = {}
+    for key, default in ZERO_DEFAULTS.items():
+        value = zo.get(key, zo.get(_ZERO_ALIASES.get(key, key), default))
+        out[key] = value if isinstance(value, bool) or value is None else int(value)
+    if out["overlap_comm"] is None:
+        out["overlap_comm"] = stage == 3
+    for key in ("overlap_comm", "contiguous_gradients", "memory_efficient_linear"):
+        out[key] = bool(out[key])
+    return out
+
+
+def optimizer_group_numels(model: torch.nn.Module) -> list[list[int]]:
+    """Parameter sizes per optimizer parameter group, in the order DeepSpeed flattens them: the
+    groups :func:`mindeye_dist.optim.param_groups` builds (decayed weights, then biases/norms)."""
+    from mindeye_dist.optim import param_groups
+
+    return [[p.numel() for p in g["params"]] for g in param_groups(model, weight_decay=0.01)]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _stage12_partitions(groups: list[list[int]], world_size: int) -> tuple[list[int], int]:
+    """(partition size per group, max over ranks of the gradient elements a rank keeps).
+
+    ``DeepSpeedZeroOptimizer.__init__`` (stage_1_and_2.py) flattens each group padded to a multiple
+    of ``2 * world_size`` (``nccl_start_alignment_factor``) and gives rank r the range
+    ``[r * size, (r + 1) * size)``. After the reduction a rank keeps the *whole* gradient of every
+    parameter that overlaps its range (``get_partition_info`` + ``copy_grads_in_partition``), so a
+    parameter straddling a boundary is held by both ranks."""
+    sizes, kept = [], [0] * world_size
+    for numels in groups:
+        total = sum(numels)
+        size = _ceil_div(total, 2 * world_size) * 2 * world_size // world_size
+        sizes.append(size)
+        for r in range(world_size):
+            lo, hi, cur = r * size, (r + 1) * size, 0
+            for n in numels:
+                if lo <= cur < hi or cur < lo < cur + n:
+                    kept[r] += n
+                cur += n
+    return sizes, max(kept) if kept else 0
+
+
 def model_states_per_rank(total_params: int, largest_layer_params: int, world_size: int, stage: int, *,
                           precision: str = DEFAULT_PRECISION, offload_optimizer: bool = False,
-                          offload_param: bool = False) -> dict[str, int]:
-    """Model-state bytes per rank for a ZeRO stage (formulas in the module docstring)."""
+                          offload_param: bool = False, param_groups: Optional[list[list[int]]] = None,
+                          zero: Optional[dict[str, Any]] = None,
+                          largest_param: Optional[int] = None) -> dict[str, Any]:
+    """Bytes per rank that DeepSpeed (0.19) allocates for a ZeRO stage (module docstring).
+
+    ``param_groups``: parameter sizes per optimizer group in DeepSpeed's order (default: one group
+    of ``total_params`` split into ideal partitions, no parameter straddling a boundary and none
+    small enough to persist at stage 3); ``zero``: :func:`zero_settings` (default: DeepSpeed's
+    defaults for the stage); ``largest_param``: the largest single parameter (default: the largest
+    layer)."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     if world_size < 1:
@@ -289,24 +441,105 @@ def model_states_per_rank(total_params: int, largest_layer_params: int, world_si
         raise ValueError("optimizer offload needs ZeRO stage >= 1")
     if offload_param and stage != 3:
         raise ValueError("parameter offload needs ZeRO stage 3")
-    p_b, g_b, o_b = STATE_BYTES[precision]
-    psi = total_params
-    shard = math.ceil(psi / world_size)
-    params = (shard if stage >= 3 else psi) * p_b
-    grads = (shard if stage >= 2 else psi) * g_b
-    optimizer = (shard if stage >= 1 else psi) * o_b
-    gathered = largest_layer_params * (p_b + g_b) if stage == 3 else 0
+    z = zero if zero is not None else zero_settings(None, stage)
+    p_b = PARAM_BYTES[precision]
+    low = p_b != MASTER_BYTES  # bf16/fp16: the optimizer works on an fp32 copy
+    psi, n = total_params, world_size
+    layer = largest_layer_params
+    big = largest_param if largest_param is not None else layer
+    transient: dict[str, int] = {}
+    buffers = 0
+    master = 0
+    if stage == 0:
+        # Plain engine (fp32: the client optimizer on the parameters) or, for bf16/fp16 with a
+        # non-fused client optimizer, runtime/fp16/unfused_optimizer.py FP16_UnfusedOptimizer:
+        # fp32_groups = an fp32 clone of every parameter.
+        params, grads = psi * p_b, psi * p_b
+        master = psi * MASTER_BYTES if low else 0
+        moments = psi * MOMENT_BYTES
+        if n > 1:  # engine.buffered_allreduce_fallback flattens the gradients into a bucket
+            transient["allreduce_bucket"] = min(psi, ENGINE_ALLREDUCE_ELEMENTS) * p_b
+        if low:  # FP16_UnfusedOptimizer.step: fp32 copies of all gradients before the update
+            transient["fp32_grads"] = psi * MASTER_BYTES
+        shard = psi
+    elif stage in (1, 2):
+        groups = param_groups or [[psi]]
+        sizes, kept = _stage12_partitions(groups, n) if param_groups else ([_ceil_div(psi, n)], _ceil_div(psi, n))
+        shard = sum(sizes)
+        params = psi * p_b                        # bit16_groups_flat: whole model on every rank
+        master = shard * MASTER_BYTES             # single_partition_of_fp32_groups (a clone, fp32 too)
+        moments = shard * MOMENT_BYTES
+        grads = kept * p_b                        # grads_in_partition: whole grads of overlapping params
+        nbuf = 2 if z["overlap_comm"] else 1
+        bucket = min(nbuf * z["reduce_bucket_size"], psi) * p_b if z["contiguous_gradients"] else 0
+        if stage == 1:
+            # Stage 1 reduces at the accumulation boundary: every unreduced gradient exists, then
+            # reduce_gradients copies them into the ipg bucket (setup_buckets / reduce_ipg_grads);
+            # the kept gradients (counted in the states) are allocated only after that.
+            transient["backward"] = max(psi * p_b + bucket - grads, 0)
+        else:
+            # Stage 2 reduces during backward: gradients are copied into the ipg bucket(s) as they
+            # are produced (reduce_independent_p_g_buckets_and_remove_grads).
+            transient["backward"] = bucket + big * p_b
+        # step(): the kept gradients flattened into the partition, then cast to fp32
+        transient["step"] = max(sizes) * p_b + (max(sizes) * MASTER_BYTES if low else 0)
+        if offload_optimizer:
+            # copy_grads_in_partition's cpu_offload branch moves the kept gradients to the host's
+            # fp32 buffer; the step then runs on the host
+            grads = 0
+            transient.pop("step")
+    else:
+        groups = param_groups or [[psi]]
+        flat = [x for g in groups for x in g]
+        parts = [[_ceil_div(x, n) for x in g] for g in groups] if param_groups else [[_ceil_div(psi, n)]]
+        shard = sum(sum(g) for g in parts)
+        persist = 0
+        if param_groups:  # parameter_offload.py mark_persistent_parameters: small ones stay gathered
+            for x in flat:
+                if x <= z["param_persistence_threshold"] and persist + x <= z["model_persistence_threshold"]:
+                    persist += x
+        params = shard * p_b + persist * p_b      # ds_tensor partitions (lp_param_buffer) + persistent params
+        # stage3.py _create_fp32_partitions: the fp32 master is a clone in fp32 too (its "no copy"
+        # branch compares a torch.device with a device-name string, which is never equal)
+        master = shard * MASTER_BYTES
+        moments = shard * MOMENT_BYTES
+        grads = shard * p_b                       # grad_partitions_flat_buffer (_setup_for_real_optimizer)
+        if z["contiguous_gradients"]:             # the ipg bucket, persistent, touched as it fills
+            buffers = min(z["reduce_bucket_size"], psi - persist) * p_b
+        live = psi - persist
+        # PartitionedParameterCoordinator keeps gathered parameters until max_live_parameters are
+        # resident (always at least the module running); backward adds the prefetch bucket and
+        # the largest layer's unreduced gradient. An approximation: measured within ~20%.
+        gathered = min(live, max(layer, z["max_live_parameters"]))
+        transient["gathered_params"] = gathered * p_b
+        if not z["memory_efficient_linear"]:
+            # plain F.linear saves a view of the gathered weight for backward: released parameters
+            # stay allocated until their backward (LinearFunctionForZeroStage3 avoids that)
+            transient["backward"] = (live + layer) * p_b
+        else:
+            transient["backward"] = (min(live, gathered + z["prefetch_bucket_size"]) + layer) * p_b
+        sub = min(max(sum(g) for g in parts), max(z["sub_group_size"], 1))
+        transient["step"] = sub * p_b + (sub * MASTER_BYTES if low else 0)  # _prepare_fp32_grad_for_sub_group
+        if offload_optimizer:
+            transient.pop("step")
+    optimizer = master + moments
     host = 0
     if offload_optimizer:
-        host += optimizer + shard * 4  # optimizer partition + fp32 gradient partition
-        optimizer = 0
-        if stage >= 2:
+        # optimizer states, the fp32 master partition and an fp32 gradient partition live on the host
+        host += optimizer + shard * MASTER_BYTES
+        optimizer = master = 0
+        if stage == 3:
+            host += grads
             grads = 0
     if offload_param:
-        host += params
-        params = 0
-    return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer,
-            "gathered_layer_bytes": gathered, "model_states_bytes": params + grads + optimizer + gathered,
+        host += shard * p_b
+        params -= shard * p_b
+    gathered_bytes = transient.get("gathered_params", 0)
+    transient_bytes = max((v for k, v in transient.items() if k != "gathered_params"), default=0)
+    states = params + grads + optimizer + buffers
+    return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer, "master_bytes": master,
+            "buffers_bytes": buffers, "gathered_layer_bytes": gathered_bytes, "model_states_bytes": states,
+            "transient_bytes": transient_bytes, "transient": transient, "partition_numel": shard,
             "host_bytes": host}
 
 
@@ -404,19 +637,28 @@ def estimate_memory(model: MindEye, *, ds_config: Optional[dict[str, Any]] = Non
 
     psi = sum(p.numel() for p in model.parameters())
     layer_name, layer_params = largest_layer(model)
+    groups = optimizer_group_numels(model)
+    biggest = max((n for g in groups for n in g), default=0)
     per_sample, fixed = activation_elements(model)
     act_b = ACTIVATION_BYTES[precision]
     activations = (fixed + per_sample * micro_batch_size) * act_b
 
     stages: dict[str, Any] = {}
     for stage, opt, par in stage_variants(ds_config):
+        zero = zero_settings(ds_config, stage)
         states = model_states_per_rank(psi, layer_params, world_size, stage, precision=precision,
-                                       offload_optimizer=opt, offload_param=par)
+                                       offload_optimizer=opt, offload_param=par, param_groups=groups, zero=zero,
+                                       largest_param=biggest)
+        # zero_init: mindeye_dist.train builds the model under deepspeed.zero.Init at stage 3
         ds_est = deepspeed_estimate(psi, layer_params, stage, gpus_per_node=gpus_per_node, num_nodes=num_nodes,
-                                    offload_optimizer=opt, offload_param=par)
+                                    offload_optimizer=opt, offload_param=par, zero_init=stage == 3)
         stages[variant_key(stage, opt, par)] = {
             "stage": stage, "offload_optimizer": opt, "offload_param": par, **states,
             "activations_bytes": activations, "total_bytes": states["model_states_bytes"] + activations,
+            "peak_bytes": states["model_states_bytes"] + states["transient_bytes"] + activations,
+            "zero": {k: zero[k] for k in ("reduce_bucket_size", "overlap_comm", "contiguous_gradients")}
+            | ({k: zero[k] for k in ("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters",
+                                     "max_reuse_distance", "sub_group_size")} if stage == 3 else {}),
             "deepspeed_estimate_bytes": None if ds_est is None else ds_est["device_bytes"],
             "deepspeed_estimate": ds_est,
         }
@@ -460,16 +702,19 @@ def format_memory_table(mem: dict[str, Any]) -> str:
         f"{mem['largest_layer_params']:,}; activations {mem['activations_bytes_per_sample'] / 2**20:.2f} MiB/sample "
         f"+ {mem['activations_fixed_bytes'] / 2**20:.2f} MiB fixed (leaf outputs, no checkpointing)",
     ]
-    cols = ("params", "grads", "optim", "gathered", "states", "activ", "total", "host", "DS dev", "DS host/node")
+    cols = ("params", "grads", "optim", "buffers", "states", "transient", "activ", "peak", "host", "DS dev",
+            "DS host/node")
     width = max(len(k) for k in ["stage", *mem["stages"]]) + 2
     rows.append(f"{'stage':<{width}}" + "".join(f"{c:>10}" if c != "DS host/node" else f"{c:>13}" for c in cols))
     for key, s in mem["stages"].items():
         ds = s["deepspeed_estimate"]
-        vals = [s["params_bytes"], s["grads_bytes"], s["optimizer_bytes"], s["gathered_layer_bytes"],
-                s["model_states_bytes"], s["activations_bytes"], s["total_bytes"], s["host_bytes"],
+        vals = [s["params_bytes"], s["grads_bytes"], s["optimizer_bytes"], s["buffers_bytes"], s["model_states_bytes"],
+                s["transient_bytes"], s["activations_bytes"], s["peak_bytes"], s["host_bytes"],
                 s["deepspeed_estimate_bytes"]]
         rows.append(f"{key:<{width}}" + "".join(f"{gib(v):>10}" for v in vals)
                     + f"{gib(None if ds is None else ds['host_bytes_per_node']):>13}")
-    rows.append(f"(total = model states + activations; host = offloaded states per rank; DS = DeepSpeed's "
-                f"estimator, additional_buffer_factor {DEEPSPEED_BUFFER_FACTOR} on host only, zero_init off)")
+    rows.append("(optim = fp32 master + Adam moments; buffers = ZeRO-3's ipg bucket; states = params + grads + "
+                "optim + buffers; transient = the largest of the step's temporary buffers (ZeRO-3: gathered "
+                "parameters); peak = states + transient + activations; host = offloaded states per rank; DS = "
+                f"DeepSpeed's estimator, additional_buffer_factor {DEEPSPEED_BUFFER_FACTOR} on host only)")
     return "\n".join(rows)

@@ -158,6 +158,53 @@ class TrainingModel(nn.Module):
         return {f"model.{n}" for n in inner()} if callable(inner) else set()
 
 
+def build_model_for_engine(model_cfg, ds: dict[str, Any], precision: str, **build_kwargs: Any) -> nn.Module:
+    """The MindEye model as the engine trains it; ``build_kwargs`` go to ``models.build_model``.
+
+    Call it after seeding torch identically on every rank. For ZeRO-3 (``ds`` is the resolved
+    DeepSpeed config) the model is built under ``deepspeed.zero.Init``: right after each module's
+    ``__init__`` its parameters are broadcast from rank 0 and partitioned, so no rank ever holds
+    the whole model. Without it every rank builds the full fp32 model (4 bytes per parameter,
+    20 GiB per rank at scale-5b) and DeepSpeed partitions it only inside ``deepspeed.initialize``;
+    under the shipped ``train.host_memory=reuse`` allocator that build peak also stays in the
+    process's resident memory for the whole run. Initial weights are unchanged: the same
+    constructors run in the same order on the same RNG, and each rank keeps its slice of rank 0's
+    tensor (the path without zero.Init broadcasts from rank 0 too).
+
+    ``tensor_overrides=[]`` keeps construction itself unchanged: by default zero.Init also
+    creates every floating tensor made during ``__init__`` (``torch.tensor``, ``torch.arange``, ...)
+    in the training dtype, which would turn the prior's noise schedule (diffusers'
+    ``alphas_cumprod``, not a parameter) into bf16. The partitions are cast to the training dtype
+    afterwards instead, exactly the cast ``DeepSpeedEngine`` applies to a model built without
+    zero.Init (fp32 values rounded once). The config's ``memory_efficient_linear`` (DeepSpeed's
+    default: on) applies as it does when the engine partitions the model itself: it swaps
+    ``torch.nn.functional.linear`` for a version whose backward does not keep the gathered weight
+    alive (without it the fp32 step peak of scale-200m at 2 ranks grows by 0.4 GiB).
+    """
+    from mindeye_dist.ds_config import zero_stage
+    from mindeye_dist.models import build_model
+
+    if zero_stage(ds) != 3:
+        return build_model(model_cfg, **build_kwargs)
+    import deepspeed
+    from deepspeed.runtime.zero.utils import is_zero_param
+
+    from mindeye_dist.engine import compute_dtype
+
+    with deepspeed.zero.Init(config_dict_or_path=ds, tensor_overrides=[]):
+        model = build_model(model_cfg, **build_kwargs)
+    dtype = compute_dtype(precision)
+    for param in model.parameters():
+        if not is_zero_param(param):
+            raise RuntimeError("deepspeed.zero.Init left a parameter unpartitioned")
+        if param.ds_tensor.dtype != dtype and param.ds_tensor.is_floating_point():
+            # ds_tensor is this rank's partition; param.data is an empty placeholder whose dtype
+            # DeepSpeed uses for the all-gather buffers, so both change together.
+            param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+            param.data = param.data.to(dtype)
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 
@@ -171,7 +218,6 @@ def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str,
     from mindeye_dist.data import build_train_loader, read_meta
     from mindeye_dist.losses import MindEyeLoss
     from mindeye_dist.metrics import ProgressBar, ThroughputMeter, build_loggers, device_peak_flops, memory_stats
-    from mindeye_dist.models import build_model
 
     if not cfg.data.url:
         raise ConfigError("data.url is empty: point it at a dataset written by launchers/prepare_data.py (local path or s3://)")
@@ -195,10 +241,11 @@ def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str,
         _barrier()
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model, n_voxels=meta.n_voxels, n_tokens=meta.n_tokens, token_dim=meta.token_dim,
-                            lowlevel_shape=meta.field_shape("vae"))
+        model = build_model_for_engine(cfg.model, ds, cfg.train.precision, n_voxels=meta.n_voxels,
+                                       n_tokens=meta.n_tokens, token_dim=meta.token_dim,
+                                       lowlevel_shape=meta.field_shape("vae"))
         train_model = TrainingModel(model)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 partitioned
         total_steps = cfg.train.max_steps
         from mindeye_dist.engine import DeepSpeedEngine
 

@@ -108,39 +108,122 @@ def test_cli_overrides_and_errors():
 
 from mindeye_dist.ds_config import load_ds_config  # noqa: E402
 from mindeye_dist.estimate import (  # noqa: E402
-    estimate_memory, largest_layer, leaf_output_elements, measure_activation_elements, model_states_per_rank,
-    stage_variants,
+    ZERO_DEFAULTS, _stage12_partitions, estimate_memory, largest_layer, leaf_output_elements,
+    measure_activation_elements, model_states_per_rank, optimizer_group_numels, stage_variants, zero_settings,
 )
 
 
+def _zero(stage: int, **zo) -> dict:
+    return zero_settings({"zero_optimization": {"stage": stage, **zo}}, stage)
+
+
 def test_model_states_hand_computed():
-    """Ψ = 1000, largest layer 100, 4 ranks, by hand from the ZeRO paper's bytes per parameter."""
-    bf16 = {s: model_states_per_rank(1000, 100, 4, s, precision="bf16") for s in range(4)}
-    #            params  grads  optimizer  gathered (2 + 2 bytes x 100 at stage 3)
-    expected = {0: (2000, 2000, 12000, 0), 1: (2000, 2000, 3000, 0), 2: (2000, 500, 3000, 0),
-                3: (500, 500, 3000, 400)}
-    for stage, (p, g, o, gathered) in expected.items():
-        got = bf16[stage]
-        assert (got["params_bytes"], got["grads_bytes"], got["optimizer_bytes"], got["gathered_layer_bytes"]) \
-            == (p, g, o, gathered), stage
-        assert got["model_states_bytes"] == p + g + o + gathered and got["host_bytes"] == 0
-    assert [bf16[s]["model_states_bytes"] for s in range(4)] == [16000, 7000, 5500, 4400]
-    # fp32: 4 + 4 + 8 (no separate master copy); the gathered layer is 4 + 4 bytes per parameter
-    fp32 = [model_states_per_rank(1000, 100, 4, s, precision="fp32")["model_states_bytes"] for s in range(4)]
-    assert fp32 == [16000, 4000 + 4000 + 2000, 4000 + 1000 + 2000, 1000 + 1000 + 2000 + 800]
+    """Ψ = 1000, largest layer 100, 4 ranks, one parameter group (ideal partitions of 250),
+    100-element buckets; the terms DeepSpeed 0.19 allocates, by hand."""
+    def run(stage, precision, **kw):
+        zero = _zero(stage, reduce_bucket_size=100, stage3_prefetch_bucket_size=50, stage3_max_live_parameters=300)
+        return model_states_per_rank(1000, 100, 4, stage, precision=precision, zero=zero, **kw)
+
+    #                 params  grads  fp32 master  moments  buffers
+    expected = {
+        ("bf16", 0): (2000, 2000, 4000, 8000, 0),  # FP16_UnfusedOptimizer's fp32 copy of every parameter
+        ("bf16", 1): (2000, 500, 1000, 2000, 0),
+        ("bf16", 2): (2000, 500, 1000, 2000, 0),
+        ("bf16", 3): (500, 500, 1000, 2000, 200),  # + the persistent 100-element ipg bucket
+        ("fp32", 0): (4000, 4000, 0, 8000, 0),  # the optimizer updates the fp32 parameters themselves
+        ("fp32", 1): (4000, 1000, 1000, 2000, 0),  # ...but ZeRO clones an fp32 master even in fp32
+        ("fp32", 2): (4000, 1000, 1000, 2000, 0),
+        ("fp32", 3): (1000, 1000, 1000, 2000, 400),
+    }
+    for (precision, stage), (p, g, m, mo, b) in expected.items():
+        got = run(stage, precision)
+        assert (got["params_bytes"], got["grads_bytes"], got["master_bytes"], got["optimizer_bytes"] - got["master_bytes"],
+                got["buffers_bytes"]) == (p, g, m, mo, b), (precision, stage)
+        assert got["model_states_bytes"] == p + g + m + mo + b and got["host_bytes"] == 0
+    assert [run(s, "bf16")["model_states_bytes"] for s in range(4)] == [16000, 5500, 5500, 4200]
+    # transients: ZeRO-0's all-reduce bucket (none in a world of one) and bf16's fp32 gradient copies
+    assert run(0, "bf16")["transient"] == {"allreduce_bucket": 2000, "fp32_grads": 4000}
+    assert run(0, "fp32")["transient"] == {"allreduce_bucket": 4000}
+    assert model_states_per_rank(1000, 100, 1, 0, precision="fp32")["transient"] == {}
+    # ZeRO-1: every unreduced gradient + the bucket - the kept gradients (allocated after);
+    # the step flattens the kept gradients (250 x 2) and casts them to fp32 (250 x 4)
+    assert run(1, "bf16")["transient"] == {"backward": 2000 + 200 - 500, "step": 500 + 1000}
+    # ZeRO-2 (overlap_comm off unless set): one bucket + the largest gradient; with it, two buckets
+    assert run(2, "bf16")["transient"] == {"backward": 200 + 200, "step": 1500}
+    two = model_states_per_rank(1000, 100, 4, 2, precision="bf16", zero=_zero(2, reduce_bucket_size=100, overlap_comm=True))
+    assert two["transient"]["backward"] == 400 + 200
+    # ZeRO-3: max(L, max_live) gathered; backward + prefetch (50) + the layer's gradient (100)
+    t3 = run(3, "bf16")
+    assert t3["transient"] == {"gathered_params": 600, "backward": (300 + 50 + 100) * 2, "step": 1500}
+    assert t3["gathered_layer_bytes"] == 600 and t3["transient_bytes"] == 1500
+    assert run(3, "fp32")["transient"]["step"] == 1000  # the fp32 "cast" is a no-op
     # partitions round up: ceil(1001 / 4) = 251 elements
-    assert model_states_per_rank(1001, 0, 4, 3)["model_states_bytes"] == 251 * 16
-    # offload: the optimizer partition + an fp32 gradient partition go to the host
+    assert model_states_per_rank(1001, 0, 4, 3, zero=_zero(3, contiguous_gradients=False))["model_states_bytes"] == 251 * 16
+    # offload: the fp32 master, the moments and an fp32 gradient partition go to the host
     off2 = model_states_per_rank(1000, 100, 4, 2, offload_optimizer=True)
     assert (off2["params_bytes"], off2["grads_bytes"], off2["optimizer_bytes"], off2["host_bytes"]) == (2000, 0, 0, 4000)
     off1 = model_states_per_rank(1000, 100, 4, 1, offload_optimizer=True)
-    assert (off1["grads_bytes"], off1["model_states_bytes"], off1["host_bytes"]) == (2000, 4000, 4000)
-    off3 = model_states_per_rank(1000, 100, 4, 3, offload_optimizer=True, offload_param=True)
-    assert (off3["model_states_bytes"], off3["gathered_layer_bytes"], off3["host_bytes"]) == (400, 400, 500 + 3000 + 1000)
+    assert (off1["grads_bytes"], off1["model_states_bytes"], off1["host_bytes"]) == (0, 2000, 4000)
+    off3 = model_states_per_rank(1000, 100, 4, 3, offload_optimizer=True, offload_param=True,
+                                 zero=_zero(3, reduce_bucket_size=100))
+    assert (off3["params_bytes"], off3["grads_bytes"], off3["optimizer_bytes"], off3["buffers_bytes"]) == (0, 0, 0, 200)
+    assert off3["host_bytes"] == 3000 + 1000 + 500 + 500  # master + moments, fp32 grads, bf16 grads, bf16 params
     with pytest.raises(ValueError):
         model_states_per_rank(1000, 100, 4, 0, offload_optimizer=True)
     with pytest.raises(ValueError):
         model_states_per_rank(1000, 100, 4, 2, offload_param=True)
+
+
+def test_stage12_ranks_keep_whole_gradients_of_straddling_parameters():
+    # group 1: 100 elements, padded to a multiple of 2N = 4 -> 50 per rank; 30 | 50 | 20: the 50
+    # straddles the boundary and both ranks keep all of it. Group 2: 4 elements -> 2 per rank.
+    sizes, kept = _stage12_partitions([[30, 50, 20], [4]], 2)
+    assert sizes == [50, 2] and kept == max(30 + 50 + 4, 50 + 20 + 4)
+    # three ranks: padded to 102, 34 each: [30, 50] | [50] | [50, 20]
+    assert _stage12_partitions([[30, 50, 20]], 3) == ([34], 80)
+    got = model_states_per_rank(104, 50, 2, 2, precision="fp32", param_groups=[[30, 50, 20], [4]])
+    assert (got["params_bytes"], got["grads_bytes"], got["master_bytes"], got["partition_numel"]) == (416, 84 * 4, 52 * 4, 52)
+
+
+def test_stage3_persistent_parameters_and_bucket_from_config():
+    zero = _zero(3, stage3_param_persistence_threshold=10, reduce_bucket_size=10**9)
+    got = model_states_per_rank(1020, 1000, 4, 3, precision="bf16", param_groups=[[1000, 10, 10]], zero=zero)
+    assert got["partition_numel"] == 250 + 3 + 3
+    assert got["params_bytes"] == 256 * 2 + 20 * 2  # partitions + the two small parameters kept whole
+    assert got["buffers_bytes"] == (1020 - 20) * 2  # the bucket fills with at most the partitioned gradients
+    assert got["grads_bytes"] == 256 * 2 and got["optimizer_bytes"] == 256 * 12
+
+
+def test_zero3_over_zero0_floors_at_two_ranks():
+    """fp32: DeepSpeed's fp32 master clone makes ZeRO-3 20 bytes per partitioned element against
+    ZeRO-0's 16 per element: 0.625 at 2 ranks; bf16: 16 against 16, 0.5 (buckets off)."""
+    zero = _zero(3, contiguous_gradients=False)
+    for precision, floor in (("fp32", 0.625), ("bf16", 0.5)):
+        z0 = model_states_per_rank(2000, 100, 2, 0, precision=precision)["model_states_bytes"]
+        z3 = model_states_per_rank(2000, 100, 2, 3, precision=precision, zero=zero)["model_states_bytes"]
+        assert z3 / z0 == floor
+    # the shipped zero3.json adds its 2e7-element bucket: B / (4 Ψ) in fp32 at 2 ranks
+    shipped = zero_settings(load_ds_config(ROOT / "ds_configs" / "zero3.json"), 3)
+    psi = 200_000_000
+    z3 = model_states_per_rank(psi, 10**7, 2, 3, precision="fp32", zero=shipped)["model_states_bytes"]
+    assert z3 / (16 * psi) == pytest.approx(0.625 + 2e7 / (4 * psi))
+
+
+def test_zero_defaults_match_deepspeed_and_shipped_configs():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    ds_defaults = DeepSpeedZeroConfig()
+    for key, value in ZERO_DEFAULTS.items():
+        if key != "overlap_comm":
+            assert getattr(ds_defaults, key) == value, key
+    assert DeepSpeedZeroConfig(stage=3).overlap_comm is True and DeepSpeedZeroConfig(stage=2).overlap_comm is False
+    assert zero_settings(None, 2)["overlap_comm"] is False and zero_settings(None, 3)["overlap_comm"] is True
+    shipped = {s: zero_settings(load_ds_config(ROOT / "ds_configs" / f"zero{s}.json"), s) for s in (1, 2, 3)}
+    assert shipped[1]["reduce_bucket_size"] == shipped[2]["reduce_bucket_size"] == 50_000_000
+    assert (shipped[1]["overlap_comm"], shipped[2]["overlap_comm"]) == (False, True)
+    z3 = shipped[3]
+    assert (z3["reduce_bucket_size"], z3["prefetch_bucket_size"], z3["max_live_parameters"], z3["max_reuse_distance"]) \
+        == (20_000_000, 20_000_000, 100_000_000, 100_000_000)
 
 
 def _meta_model(preset: str = "tiny", **dims):
@@ -150,19 +233,27 @@ def _meta_model(preset: str = "tiny", **dims):
 
 def test_memory_tiny_preset_four_ranks_exact():
     model = _meta_model()
+    zero = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000, "reduce_bucket_size": 5000,
+                                  "stage3_max_live_parameters": 10**6}}
     mem = estimate_memory(model, world_size=4, micro_batch_size=5, precision="bf16")
     psi, layer = sum(p.numel() for p in model.parameters()), mem["largest_layer_params"]
     assert mem["total_params"] == psi and (mem["largest_layer"], layer) == largest_layer(model)
     assert layer == max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()) > 0
-    shard = -(-psi // 4)
+    groups = optimizer_group_numels(model)
+    assert sum(map(sum, groups)) == psi and len(groups) == 2  # decayed weights, then biases and norms
     stages = mem["stages"]
     assert list(stages) == ["0", "1", "2", "3"]
     assert stages["0"]["model_states_bytes"] == 16 * psi
-    assert stages["1"]["model_states_bytes"] == 4 * psi + 12 * shard
-    assert stages["2"]["model_states_bytes"] == 2 * psi + 14 * shard
-    assert stages["3"]["model_states_bytes"] == 16 * shard + 4 * layer
-    totals = [stages[k]["total_bytes"] for k in "0123"]
-    assert totals[3] <= totals[2] <= totals[1] <= totals[0]
+    sizes, kept = _stage12_partitions(groups, 4)
+    for s in ("1", "2"):
+        assert stages[s]["model_states_bytes"] == 2 * psi + 12 * sum(sizes) + 2 * kept
+    z3 = estimate_memory(model, world_size=4, micro_batch_size=5, precision="bf16", ds_config=zero)["stages"]["3"]
+    parts = sum(-(-n // 4) for g in groups for n in g)
+    small = sum(n for g in groups for n in g if n <= 1000)
+    assert z3["model_states_bytes"] == 16 * parts + 2 * small + 2 * min(5000, psi - small)
+    assert z3["zero"]["max_live_parameters"] == 10**6 and z3["gathered_layer_bytes"] == 2 * (psi - small)
+    for s in stages.values():
+        assert s["peak_bytes"] == s["model_states_bytes"] + s["transient_bytes"] + s["activations_bytes"]
     # activations: bf16 bytes x (batch-independent + per sample x micro-batch), measured at batch 5 too
     assert mem["activations_bytes"] == 2 * measure_activation_elements(model, 5) > 0
     assert mem["activations_bytes"] == mem["activations_fixed_bytes"] + 5 * mem["activations_bytes_per_sample"]
@@ -170,15 +261,6 @@ def test_memory_tiny_preset_four_ranks_exact():
         assert s["total_bytes"] == s["model_states_bytes"] + mem["activations_bytes"]
     fp32 = estimate_memory(model, world_size=4, micro_batch_size=5, precision="fp32")
     assert fp32["activations_bytes"] == 2 * mem["activations_bytes"]
-
-
-def test_zero3_over_zero0_at_two_ranks_is_half_plus_largest_layer():
-    model = _meta_model("mindeye1")
-    mem = estimate_memory(model, world_size=2, micro_batch_size=1)
-    psi, layer = mem["total_params"], mem["largest_layer_params"]
-    ratio = mem["stages"]["3"]["model_states_bytes"] / mem["stages"]["0"]["model_states_bytes"]
-    assert ratio == pytest.approx(0.5 + 4 * layer / (16 * psi), abs=1e-9)
-    assert 0.5 < ratio < 1.5  # mindeye1's to_tokens Linear is most of the model
 
 
 def test_deepspeed_estimates_present_and_match_its_formulas():
@@ -194,12 +276,14 @@ def test_deepspeed_estimates_present_and_match_its_formulas():
         assert ds["additional_buffer_factor"] == 1.5
     assert stages["2"]["deepspeed_estimate_bytes"] == 2 * psi + int(18 * psi / 8)
     assert stages["3"]["deepspeed_estimate_bytes"] == 4 * layer + int(18 * psi / 8)
-    assert stages["3"]["deepspeed_estimate"]["host_bytes_per_node"] == int(psi * 4 * 4 * 1.5)  # zero_init off
+    # zero_init: the trainer builds ZeRO-3 models under deepspeed.zero.Init
+    assert stages["3"]["deepspeed_estimate"]["zero_init"] is True
+    assert stages["3"]["deepspeed_estimate"]["host_bytes_per_node"] == int(layer * 4 * 4 * 1.5)
     offload = estimate_memory(model, world_size=8, ds_config=load_ds_config(ROOT / "ds_configs" / "zero3_offload.json"))
     assert list(offload["stages"]) == ["3", "3+offload_optimizer", "3+offload_optimizer+offload_param"]
     both = offload["stages"]["3+offload_optimizer+offload_param"]
-    assert both["deepspeed_estimate_bytes"] == 4 * layer == both["model_states_bytes"]
-    assert both["host_bytes"] == 18 * -(-psi // 8)
+    assert both["deepspeed_estimate_bytes"] == 4 * layer
+    assert both["grads_bytes"] == both["optimizer_bytes"] == 0 and both["host_bytes"] > 16 * -(-psi // 8)
 
 
 def test_stage_variants_follow_the_ds_config():
@@ -245,11 +329,17 @@ def test_cli_memory_json_for_mindeye1_is_fast():
     assert (mem["world_size"], mem["micro_batch_size"], mem["precision"]) == (8, 32, "bf16")
     assert mem["largest_layer"] == "backbone.to_tokens" and mem["largest_layer_params"] == (4096 + 1) * 257 * 768  # weight + bias
     stages = mem["stages"]
-    assert stages["2"]["total_bytes"] < stages["1"]["total_bytes"] < stages["0"]["total_bytes"]
-    # ...but not ZeRO-3: gathering the 0.8B-parameter to_tokens Linear (4 bytes each) outweighs
-    # partitioning the bf16 params across 8 ranks
+    # ZeRO-1 and ZeRO-2 keep the same states after the reduction (they differ during backward);
+    # a rank keeps the whole gradient of every parameter overlapping its partition, and the
+    # 0.8B-parameter to_tokens spans most ranks' partitions, so ranks keep its entire gradient
+    assert stages["2"]["total_bytes"] == stages["1"]["total_bytes"] < stages["0"]["total_bytes"]
+    assert stages["2"]["grads_bytes"] >= 2 * mem["largest_layer_params"] > 2 * stages["2"]["partition_numel"]
+    # ...and ZeRO-3 less in its states, but its step peak holds the gathered 0.8B-parameter
+    # to_tokens Linear and its gradient (2 bytes each in bf16) on top
     psi, layer = mem["total_params"], mem["largest_layer_params"]
-    assert stages["3"]["model_states_bytes"] == 16 * -(-psi // 8) + 4 * layer > stages["2"]["model_states_bytes"]
+    assert stages["3"]["model_states_bytes"] < stages["2"]["model_states_bytes"]
+    assert stages["3"]["transient"]["backward"] >= 2 * 2 * layer
+    assert stages["3"]["peak_bytes"] > stages["2"]["model_states_bytes"]
     assert stages["2"]["deepspeed_estimate_bytes"] > 0 and stages["3"]["deepspeed_estimate_bytes"] > 0
     assert elapsed < 60, elapsed  # meta device: seconds (import-dominated), even on a loaded 2-core box
 

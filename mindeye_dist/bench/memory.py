@@ -1,22 +1,38 @@
-"""Model-state memory per rank at ZeRO 0/1/2/3 with 2 ranks, measured vs ``estimate_memory``.
+"""Model-state memory per rank at ZeRO 0/1/2/3 with 2 ranks, fp32 and bf16, measured vs ``estimate_memory``.
 
-For each stage two rank processes are started (``python -m mindeye_dist.bench.memory``, with
-``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set as the ``deepspeed`` launcher or torchrun
-would, one torch thread each). Each rank: ``init_distributed()`` (gloo) -> baseline RSS -> build
-the model as ``train.run`` does (full model on every rank, no ``zero.Init``) -> ``DeepSpeedEngine``
-with the shipped ``ds_configs/zeroN.json`` in fp32 -> one training step (allocates the optimizer
-states) -> RSS ("after the step") -> forward + backward of a second step -> RSS ("states live").
-Model-state memory = states-live RSS - baseline: parameters, gradients (as the stage keeps them
-after its reduction), optimizer states and DeepSpeed's buffers, with the activations freed. The
-after-the-step figure is reported too but undercounts: DeepSpeed's ZeRO-0 sets the gradients to
-None after the optimizer step. Peak RSS (ru_maxrss,
-which includes the full model built before partitioning) is reported next to it. The workers
-run on the CPU even on a GPU host (host RSS is what is measured).
+For each (precision, stage) two rank processes are started (``python -m mindeye_dist.bench.memory``,
+with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` set as the ``deepspeed`` launcher or
+torchrun would, one torch thread each). Each rank:
+
+1. ``init_distributed()`` (gloo), resolves the shipped ``ds_configs/zeroN.json`` as ``train.run``
+   does, then the baseline: RSS after ``malloc_trim``.
+2. Builds the model exactly as ``train.run`` does (:func:`mindeye_dist.train.build_model_for_engine`:
+   under ``deepspeed.zero.Init`` at stage 3), then ``DeepSpeedEngine`` and one training step (it
+   allocates the optimizer states). "After the step" RSS is recorded, then the peak-RSS counter is
+   reset (``/proc/self/clear_refs``).
+3. Forward + backward of a second step: parameters, gradients (as the stage keeps them after its
+   reduction), optimizer states and DeepSpeed's persistent buffers are all alive, the activations
+   freed ("states live"). Recorded there: the RSS; the bytes of every live CPU tensor storage
+   (found through the garbage collector, deduplicated by storage); then the RSS after
+   ``malloc_trim(0)``. **Measured model-state memory = that trimmed RSS - the baseline**: glibc keeps
+   freed heap chunks resident until trimmed (0.05-0.16 GiB here, mostly at ZeRO-3, whose
+   partition-sized temporaries land below the mmap threshold); they are the allocator's cache,
+   not model states, and the untrimmed figure is reported next to it.
+4. ``engine.step()``; the peak RSS since the reset - baseline is the step's peak (states + the
+   transient buffers of forward, backward and the optimizer step + activations), compared with
+   the estimate's ``peak_bytes``.
+
+The workers keep glibc's default allocator settings. ``train.run`` applies
+``train.host_memory=reuse`` (``mindeye_dist.hostmem``), which keeps every freed page in the
+process: under it a training run's RSS sits at the step peak column, not at the model states.
+The workers run on the CPU even on a GPU host (host RSS is what is measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
@@ -24,13 +40,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Optional
 
+from mindeye_dist.bench.common import REPO_ROOT, PresetSpec, experiment_config, log
 from mindeye_dist.distributed import free_port
-from typing import Any
 
-from mindeye_dist.bench.common import REPO_ROOT, PresetSpec, count, experiment_config, log
-
-
+PRECISIONS = ("fp32", "bf16")
 
 
 def _rss() -> int:
@@ -40,8 +55,8 @@ def _rss() -> int:
 
 
 def _hwm() -> int:
-    """VmHWM (this process's peak RSS since exec). ``ru_maxrss`` is not used: Linux carries the
-    parent's high-water mark across fork + exec, so a child of a big process reports the parent's."""
+    """VmHWM (this process's peak RSS since exec or the last :func:`_reset_hwm`). ``ru_maxrss`` is
+    not used: Linux carries the parent's high-water mark across fork + exec, and it cannot be reset."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -54,23 +69,76 @@ def _hwm() -> int:
     return int(memory_stats()["peak_rss_bytes"] or 0)
 
 
-def worker(preset: str, ds_config: str, micro_batch: int, out_path: str) -> None:
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: writing 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> bool:
+    """Hand glibc's free heap pages back to the kernel (no-op off glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct CPU tensor storage reachable from Python: tensors the garbage
+    collector tracks, their ``.grad`` and DeepSpeed's ZeRO-3 partitions (``ds_tensor``). A
+    storage shared by views counts once; unused capacity of a ``torch.empty`` buffer counts in
+    full (its untouched pages are not resident)."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_meta:
+            return
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        if storage.data_ptr():
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+
+    gc.collect()
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            add(obj)
+            if obj.is_leaf:
+                add(obj.grad)
+            add(getattr(obj, "ds_tensor", None))
+    return sum(seen.values())
+
+
+def worker(preset: str, ds_config: str, micro_batch: int, precision: str, out_path: str) -> None:
     import mindeye_dist  # noqa: F401
     import torch
 
-    from mindeye_dist.bench.common import build, synthetic_batch
+    from mindeye_dist.bench.common import synthetic_batch
     from mindeye_dist.bench.training import Stepper, make_engine
     from mindeye_dist.distributed import init_distributed, teardown_distributed
-    from mindeye_dist.train import _forward_loss
+    from mindeye_dist.ds_config import load_ds_config, resolve_ds_config
+    from mindeye_dist.train import _forward_loss, build_model_for_engine, resolve_path
 
     rank, world, device = init_distributed()
     try:
         spec = PresetSpec.parse(preset)
-        cfg = experiment_config(spec, micro_batch, precision="fp32", ds_config=ds_config)
+        cfg = experiment_config(spec, micro_batch, precision=precision, ds_config=ds_config)
+        ds = resolve_ds_config(load_ds_config(resolve_path(ds_config)), cfg, world)
         gc.collect()
+        _malloc_trim()
         base = _rss()
         torch.manual_seed(0)
-        engine = make_engine(cfg, build(spec, cfg), device)
+        model = build_model_for_engine(cfg.model, ds, precision, nominal=True, **spec.data_dims())
+        engine = make_engine(cfg, model, device)
+        del model
         gc.collect()
         after_init = _rss()
         stepper = Stepper(engine, cfg, device)
@@ -78,35 +146,47 @@ def worker(preset: str, ds_config: str, micro_batch: int, out_path: str) -> None
         stepper(batch)  # the first step allocates the optimizer states
         gc.collect()
         after_step = _rss()
-        # Second step up to the end of backward: parameters, gradients (reduced / partitioned as the
-        # stage does it) and optimizer states are all alive, the activations are freed.
+        init_peak = _hwm()
+        reset = _reset_hwm()
+        # Second step up to the end of backward: every model state is alive, activations are freed.
         terms = _forward_loss(engine, stepper.loss_fn, batch, 1, stepper.gen)
         engine.backward(terms.total)
+        del terms
         gc.collect()
-        states_live = _rss()
+        states_raw = _rss()
+        live = live_tensor_bytes()
+        trimmed = _malloc_trim()
+        states = _rss()
         engine.step()
+        step_peak = _hwm() if reset else None
         with open(out_path, "w") as f:
-            json.dump({"rank": rank, "world_size": world, "ds_config": ds_config, "baseline_rss_bytes": base,
-                       "after_init_rss_bytes": after_init, "after_step_rss_bytes": after_step,
-                       "states_live_rss_bytes": states_live, "peak_rss_bytes": _hwm(),
+            json.dump({"rank": rank, "world_size": world, "ds_config": ds_config, "precision": precision,
+                       "baseline_rss_bytes": base, "after_init_rss_bytes": after_init, "after_step_rss_bytes": after_step,
+                       "states_live_rss_bytes": states, "states_live_untrimmed_rss_bytes": states_raw,
+                       "malloc_trim": trimmed, "live_tensor_bytes": live,
+                       "peak_rss_bytes": max(init_peak, step_peak or 0), "init_peak_rss_bytes": init_peak,
+                       "step_peak_rss_bytes": step_peak,
                        "after_init_delta_bytes": after_init - base, "after_step_delta_bytes": after_step - base,
-                       "model_state_bytes": states_live - base, "threads": torch.get_num_threads()}, f)
+                       "model_state_bytes": states - base, "untrimmed_model_state_bytes": states_raw - base,
+                       "step_peak_delta_bytes": None if step_peak is None else step_peak - base,
+                       "threads": torch.get_num_threads()}, f)
     finally:
         teardown_distributed()
 
 
-def _run_stage(preset: str, stage: int, ds_config: str, micro_batch: int, timeout_s: float, tmp: str,
-               tag: str = "") -> list[dict[str, Any]]:
+def _run_stage(preset: str, stage: int, ds_config: str, micro_batch: int, precision: str, timeout_s: float,
+               tmp: str, tag: str = "") -> list[dict[str, Any]]:
     port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                    CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-        out = os.path.join(tmp, f"zero{stage}{tag}_rank{rank}.json")
-        logf = open(os.path.join(tmp, f"zero{stage}{tag}_rank{rank}.log"), "w")
+        name = f"{precision}_zero{stage}{tag}_rank{rank}"
+        out = os.path.join(tmp, f"{name}.json")
+        logf = open(os.path.join(tmp, f"{name}.log"), "w")
         cmd = [sys.executable, "-m", "mindeye_dist.bench.memory", "--preset", preset, "--ds-config", ds_config,
-               "--micro-batch", str(micro_batch), "--out", out]
+               "--micro-batch", str(micro_batch), "--precision", precision, "--out", out]
         procs.append((subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT), out, logf))
     deadline = time.monotonic() + timeout_s
     results = []
@@ -121,16 +201,15 @@ def _run_stage(preset: str, stage: int, ds_config: str, micro_batch: int, timeou
         if rc != 0 or not os.path.exists(out):
             with open(logf.name) as f:
                 tail = f.read()[-2000:]
-            raise RuntimeError(f"ZeRO-{stage} memory rank exited with {rc}:\n{tail}")
+            raise RuntimeError(f"ZeRO-{stage} {precision} memory rank exited with {rc}:\n{tail}")
         with open(out) as f:
             results.append(json.load(f))
     return results
 
 
-SMALL_BUCKETS = 50_000_000
-"""Bucket size (elements) of the proposed ds-config variant: DeepSpeed's reduce / all-gather /
-prefetch buckets of the shipped configs (5e8 elements) are bigger than every gradient of a
-model under 500M parameters, so the bucket ends up as one more unpartitioned gradient copy."""
+SMALL_BUCKETS = 5_000_000
+"""Bucket size (elements) of the ``+small_buckets`` variant: how much the shipped configs' buckets
+(5e7 reduce/all-gather at ZeRO-1/2; 2e7 reduce and prefetch at ZeRO-3) still cost."""
 
 
 def small_bucket_config(stage: int, path: str) -> str:
@@ -147,45 +226,105 @@ def small_bucket_config(stage: int, path: str) -> str:
     return path
 
 
-def measure_zero_memory(preset: str, micro_batch: int, stages: tuple[int, ...] = (0, 1, 2, 3),
-                        small_bucket_stages: tuple[int, ...] = (), timeout_s: float = 300.0) -> dict[str, Any]:
-    """Measured vs estimated model-state memory per rank for each stage (shipped ds configs),
-    plus each stage of ``small_bucket_stages`` with :func:`small_bucket_config` (key ``"N+small_buckets"``)."""
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def _estimates(preset: str, micro_batch: int, precision: str, runs: list[tuple[int, str, str]]) -> tuple[dict, dict]:
+    """(model facts, {key: estimate_memory's row}) for each run's DeepSpeed config, on the meta device."""
+    import torch
+
+    from mindeye_dist.bench.common import build
+    from mindeye_dist.ds_config import load_ds_config
+    from mindeye_dist.estimate import estimate_memory
+    from mindeye_dist.train import resolve_path
+
     spec = PresetSpec.parse(preset)
-    cfg = experiment_config(spec, micro_batch, precision="fp32")
-    est = count(spec, cfg, world_size=2, micro_batch=micro_batch, precision="fp32", flops=False)
-    mem = est["memory"]
-    out: dict[str, Any] = {"preset": preset, "world_size": 2, "micro_batch": micro_batch, "precision": "fp32",
-                           "params": mem["total_params"], "largest_layer": mem["largest_layer"],
-                           "largest_layer_params": mem["largest_layer_params"], "stages": {}}
-    runs = [(s, f"ds_configs/zero{s}.json", str(s)) for s in stages]
+    cfg = experiment_config(spec, micro_batch, precision=precision)
+    with torch.device("meta"):
+        model = build(spec, cfg)
+    rows, mem = {}, None
+    for stage, path, key in runs:
+        mem = estimate_memory(model, ds_config=load_ds_config(resolve_path(path)), world_size=2,
+                              micro_batch_size=micro_batch, precision=precision)
+        rows[key] = mem["stages"][str(stage)]
+    facts = {"params": mem["total_params"], "largest_layer": mem["largest_layer"],
+             "largest_layer_params": mem["largest_layer_params"]} if mem else {}
+    return facts, rows
+
+
+def measure_zero_memory(preset: str, micro_batch: int, stages: tuple[int, ...] = (0, 1, 2, 3),
+                        small_bucket_stages: tuple[int, ...] = (), timeout_s: float = 300.0,
+                        precisions: tuple[str, ...] = PRECISIONS, headline_precision: Optional[str] = None) -> dict[str, Any]:
+    """Measured vs estimated model-state memory per rank for each precision and stage (shipped ds
+    configs), plus each stage of ``small_bucket_stages`` with :func:`small_bucket_config` (key
+    ``"N+small_buckets"``). ``stages`` / ``zero3_vs_zero0`` at the top level are those of
+    ``headline_precision`` (default: the first of ``precisions``); every precision is under
+    ``by_precision``."""
+    precisions = tuple(precisions)
+    headline_precision = headline_precision or precisions[0]
+    if headline_precision not in precisions:
+        raise ValueError(f"headline precision {headline_precision!r} is not among the measured {precisions}")
+    out: dict[str, Any] = {"preset": preset, "world_size": 2, "micro_batch": micro_batch, "precision": headline_precision,
+                           "precisions": list(precisions), "by_precision": {}}
     with tempfile.TemporaryDirectory(prefix="mindeye_bench_mem_") as tmp:
+        runs = [(s, f"ds_configs/zero{s}.json", str(s)) for s in stages]
         runs += [(s, small_bucket_config(s, os.path.join(tmp, f"zero{s}_small.json")), f"{s}+small_buckets")
                  for s in small_bucket_stages]
-        for stage, ds_path, key in runs:
-            t = time.perf_counter()
-            ranks = _run_stage(preset, stage, ds_path, micro_batch, timeout_s, tmp, tag=key.partition("+")[2])
-            measured = max(r["model_state_bytes"] for r in ranks)
-            predicted = mem["stages"][str(stage)]["model_states_bytes"]
-            out["stages"][key] = {
-                "stage": stage, "ds_config": ds_path if not os.path.isabs(ds_path) else f"zero{stage}.json, buckets {SMALL_BUCKETS:.0e}",
-                "measured_model_state_bytes_per_rank": measured,
-                "after_step_bytes_per_rank": max(r["after_step_delta_bytes"] for r in ranks),
-                "estimate_model_state_bytes_per_rank": predicted,
-                "estimate_vs_measured": predicted / measured if measured > 0 else None,
-                "deepspeed_estimate_bytes": mem["stages"][str(stage)]["deepspeed_estimate_bytes"],
-                "peak_rss_bytes_per_rank": max(r["peak_rss_bytes"] for r in ranks),
-                "ranks": ranks, "wall_s": time.perf_counter() - t,
-            }
-            log(f"ZeRO-{key}: measured {measured / 2**30:.2f} GiB/rank (after the step "
-                f"{out['stages'][key]['after_step_bytes_per_rank'] / 2**30:.2f}), estimate {predicted / 2**30:.2f} GiB")
-    s = out["stages"]
-    if "0" in s and "3" in s:
-        out["zero3_vs_zero0"] = s["3"]["measured_model_state_bytes_per_rank"] / s["0"]["measured_model_state_bytes_per_rank"]
-        out["zero3_vs_zero0_estimate"] = s["3"]["estimate_model_state_bytes_per_rank"] / s["0"]["estimate_model_state_bytes_per_rank"]
-        if "3+small_buckets" in s:
-            out["zero3_small_buckets_vs_zero0"] = (s["3+small_buckets"]["measured_model_state_bytes_per_rank"]
-                                                   / s["0"]["measured_model_state_bytes_per_rank"])
+        for precision in precisions:
+            facts, est = _estimates(preset, micro_batch, precision, runs)
+            out.update(facts)
+            rows: dict[str, Any] = {}
+            for stage, ds_path, key in runs:
+                t = time.perf_counter()
+                ranks = _run_stage(preset, stage, ds_path, micro_batch, precision, timeout_s, tmp,
+                                   tag=key.partition("+")[2])
+                e = est[key]
+                measured = max(r["model_state_bytes"] for r in ranks)
+                peaks = [r["step_peak_delta_bytes"] for r in ranks if r["step_peak_delta_bytes"] is not None]
+                step_peak = max(peaks) if len(peaks) == len(ranks) else None
+                rows[key] = {
+                    "stage": stage, "precision": precision,
+                    "ds_config": ds_path if not os.path.isabs(ds_path) else f"zero{stage}.json, buckets {SMALL_BUCKETS:.0e}",
+                    "measured_model_state_bytes_per_rank": measured,
+                    "untrimmed_model_state_bytes_per_rank": max(r["untrimmed_model_state_bytes"] for r in ranks),
+                    "live_tensor_bytes_per_rank": max(r["live_tensor_bytes"] for r in ranks),
+                    "after_step_bytes_per_rank": max(r["after_step_delta_bytes"] for r in ranks),
+                    "estimate_model_state_bytes_per_rank": e["model_states_bytes"],
+                    "estimate_vs_measured": _ratio(e["model_states_bytes"], measured),
+                    "estimate_terms": {k: e[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "master_bytes",
+                                                         "buffers_bytes")},
+                    "step_peak_bytes_per_rank": step_peak,
+                    "estimate_peak_bytes_per_rank": e["peak_bytes"],
+                    "estimate_peak_vs_measured": _ratio(e["peak_bytes"], step_peak),
+                    "estimate_transient": e["transient"],
+                    "deepspeed_estimate_bytes": e["deepspeed_estimate_bytes"],
+                    "peak_rss_bytes_per_rank": max(r["peak_rss_bytes"] for r in ranks),
+                    "ranks": ranks, "wall_s": time.perf_counter() - t,
+                }
+                log(f"ZeRO-{key} {precision}: measured {measured / 2**30:.2f} GiB/rank (untrimmed "
+                    f"{rows[key]['untrimmed_model_state_bytes_per_rank'] / 2**30:.2f}, live tensors "
+                    f"{rows[key]['live_tensor_bytes_per_rank'] / 2**30:.2f}), estimate {e['model_states_bytes'] / 2**30:.2f}; "
+                    f"step peak {'-' if step_peak is None else f'{step_peak / 2**30:.2f}'}, estimate {e['peak_bytes'] / 2**30:.2f}")
+            entry: dict[str, Any] = {"stages": rows}
+            if "0" in rows and "3" in rows:
+                z0, z3 = rows["0"], rows["3"]
+                entry["zero3_vs_zero0"] = _ratio(z3["measured_model_state_bytes_per_rank"], z0["measured_model_state_bytes_per_rank"])
+                entry["zero3_vs_zero0_untrimmed"] = _ratio(z3["untrimmed_model_state_bytes_per_rank"],
+                                                           z0["untrimmed_model_state_bytes_per_rank"])
+                entry["zero3_vs_zero0_live_tensors"] = _ratio(z3["live_tensor_bytes_per_rank"], z0["live_tensor_bytes_per_rank"])
+                entry["zero3_vs_zero0_estimate"] = _ratio(z3["estimate_model_state_bytes_per_rank"],
+                                                          z0["estimate_model_state_bytes_per_rank"])
+                entry["zero3_vs_zero0_step_peak"] = _ratio(z3["step_peak_bytes_per_rank"], z0["step_peak_bytes_per_rank"])
+                if "3+small_buckets" in rows:
+                    entry["zero3_small_buckets_vs_zero0"] = _ratio(rows["3+small_buckets"]["measured_model_state_bytes_per_rank"],
+                                                                   z0["measured_model_state_bytes_per_rank"])
+            out["by_precision"][precision] = entry
+    head = out["by_precision"][headline_precision]
+    out["stages"] = head["stages"]
+    for key in ("zero3_vs_zero0", "zero3_vs_zero0_estimate", "zero3_small_buckets_vs_zero0"):
+        if key in head:
+            out[key] = head[key]
     return out
 
 
@@ -194,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", required=True)
     p.add_argument("--ds-config", required=True)
     p.add_argument("--micro-batch", type=int, required=True)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    worker(args.preset, args.ds_config, args.micro_batch, args.out)
+    worker(args.preset, args.ds_config, args.micro_batch, args.precision, args.out)
     return 0
 
 

@@ -108,17 +108,27 @@ def format_markdown(r: dict[str, Any]) -> str:
                 f"through s3fs.", ""]
     mem = r.get("memory")
     if mem:
+        by = mem.get("by_precision") or {mem["precision"]: {"stages": mem["stages"]}}
         out += [f"### ZeRO model-state memory per rank, 2 ranks, {mem['preset']} ({mem['params'] / 1e6:.0f}M params, "
-                f"largest layer {mem['largest_layer_params'] / 1e6:.1f}M), {mem['precision']}", "",
-                "| stage | measured GiB/rank (states live) | after the step | estimate GiB/rank | estimate/measured | "
-                "DeepSpeed estimator GiB | peak RSS GiB |", "|---|---|---|---|---|---|---|"]
-        for k, s in mem["stages"].items():
-            out.append(f"| ZeRO-{k} | {_gib(s['measured_model_state_bytes_per_rank'])} | "
-                       f"{_gib(s.get('after_step_bytes_per_rank'))} | "
-                       f"{_gib(s['estimate_model_state_bytes_per_rank'])} | {_f(s['estimate_vs_measured'], '{:.2f}')} | "
-                       f"{_gib(s['deepspeed_estimate_bytes'])} | {_gib(s['peak_rss_bytes_per_rank'])} |")
-        out += ["", "Measured = RSS with parameters, gradients and optimizer states all alive (after the backward of a "
-                "second step) - RSS before the model was built, max over ranks; 'after the step' = RSS after engine "
-                "init + one step - the same baseline. `+small_buckets`: the shipped config with reduce/all-gather/"
-                "prefetch buckets of 5e7 elements instead of 5e8.", ""]
+                f"largest layer {mem['largest_layer_params'] / 1e6:.1f}M)", "",
+                "| precision | stage | measured GiB/rank | untrimmed RSS | live tensors | estimate | estimate/measured | "
+                "step peak | estimated peak | DeepSpeed estimator | ZeRO-3/ZeRO-0 measured (estimate) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for prec, entry in by.items():
+            ratio = entry.get("zero3_vs_zero0")
+            ratio_txt = "" if ratio is None else f"{ratio:.3f} ({_f(entry.get('zero3_vs_zero0_estimate'), '{:.3f}')})"
+            for i, (k, s) in enumerate(entry["stages"].items()):
+                out.append(f"| {prec} | ZeRO-{k} | {_gib(s['measured_model_state_bytes_per_rank'])} | "
+                           f"{_gib(s.get('untrimmed_model_state_bytes_per_rank'))} | {_gib(s.get('live_tensor_bytes_per_rank'))} | "
+                           f"{_gib(s['estimate_model_state_bytes_per_rank'])} | {_f(s['estimate_vs_measured'], '{:.2f}')} | "
+                           f"{_gib(s.get('step_peak_bytes_per_rank'))} | {_gib(s.get('estimate_peak_bytes_per_rank'))} | "
+                           f"{_gib(s['deepspeed_estimate_bytes'])} | {ratio_txt if i == 0 else ''} |")
+        out += ["", "Measured = RSS after `malloc_trim` with parameters, gradients, optimizer states and DeepSpeed's "
+                "persistent buffers all alive (after the backward of a second step) - the same before the model was "
+                "built, max over ranks; untrimmed = the same without `malloc_trim` (glibc's free heap chunks count); "
+                "live tensors = bytes of every live CPU tensor storage (`torch.empty` buffers in full); step peak = "
+                "peak RSS during the second step (forward, backward, optimizer step) - baseline, against the estimate's "
+                "`peak_bytes` (states + transient buffers + activations). Under `train.host_memory=reuse` (the shipped "
+                "default) a run's RSS stays at the step peak. `+small_buckets`: the shipped config with every bucket at "
+                "5e6 elements.", ""]
     return "\n".join(out)
