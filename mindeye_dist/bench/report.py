@@ -104,8 +104,8 @@ def format_markdown(r: dict[str, Any]) -> str:
                        f"{_f(d.get('server_cpu_s_per_gb'), '{:.2f}') if src == 's3' else '-'} |")
         out += ["", f"{data['train_samples']} train samples in {data['train_shards']} shards, "
                 f"{data['bytes_per_sample'] / 1e3:.0f} KB/sample, {data['num_workers']} workers, batch {data['batch_size']}, "
-                f"median of {data['repeats']} epoch(s); S3 = {data.get('s3_server', 'moto')} server on 127.0.0.1 "
-                f"through s3fs.", ""]
+                f"median of {data['repeats']} epoch(s); S3 = {data.get('s3_server', 'moto')} server on 127.0.0.1, "
+                f"shards read by {data.get('s3_reader', 's3fs')} (listing and metadata through s3fs).", ""]
     mem = r.get("memory")
     if mem:
         by = mem.get("by_precision") or {mem["precision"]: {"stages": mem["stages"]}}

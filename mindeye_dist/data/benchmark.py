@@ -88,6 +88,7 @@ def run_benchmark(data_dir: Optional[str] = None, preset: str = "demo", num_work
         "preset": preset, "train_samples": split.count, "train_shards": len(split.shards), "bytes_per_sample": bytes_per_sample,
         "num_workers": num_workers, "batch_size": batch_size, "repeats": repeats, "shuffle_buffer": shuffle_buffer,
         "build_s": build_s, "cpu_count": os.cpu_count(), "s3_server": "moto, own process" if separate_server else "moto, in-process thread",
+        "s3_reader": "s3fs" if os.environ.get("MINDEYE_S3_READER") == "s3fs" else "signed GETs on urllib3",
     }
     base = dict(num_workers=num_workers, shuffle_buffer=shuffle_buffer, train_reps="one")
     result["local"] = _measure(DataConfig(url=data_dir, **base), batch_size, repeats, bytes_per_sample)
