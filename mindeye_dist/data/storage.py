@@ -206,7 +206,7 @@ class PipelinedReader(io.RawIOBase):
     the next shard as it starts one, ``pipeline.PREFETCH_SHARDS``): without it every GET's
     latency stalls the worker, which measured 0.66 s of waiting per epoch of 58 shards on a
     loopback server, and real S3's first byte takes tens of milliseconds. The bytes come through
-    :class:`_S3HttpGetter` (a signed GET on urllib3, a third of s3fs's CPU per MB), or through
+    :class:`_S3HttpGetter` (a signed GET on urllib3, about half of s3fs's CPU per MB), or through
     s3fs when ``MINDEYE_S3_READER=s3fs`` or the signed GET cannot work (a bucket in another
     region). Errors in the thread are raised by the consumer's next read; :meth:`wait_open`
     raises the opening's (not found, denied) where the caller classifies them.
