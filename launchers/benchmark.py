@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-preset", default=None, help=f"preset of the ZeRO memory runs (default {d.memory_preset})")
     p.add_argument("--wait-for-idle", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for the 1-minute load average to drop below 0.8")
-    p.add_argument("--host-memory", choices=("reuse", "system"), default=d.host_memory,
-                   help="host allocator as train.host_memory (default reuse: freed memory kept for the next step)")
+    p.add_argument("--host-memory", choices=("auto", "reuse", "system"), default=d.host_memory,
+                   help="host allocator as train.host_memory (default auto: on CPU, freed memory is kept for the next step)")
     p.add_argument("--work-dir", default=None, help="keep the generated datasets here and reuse them (default: temp dir)")
     args = p.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())

@@ -77,8 +77,9 @@ class BenchmarkOptions:
     variant_repeats: int = 2
     variant_micro_batch: int = 512
     """Micro-batch of the runs that turn each shipped speed-up off (the best-FLOP/s one when not measured)."""
-    host_memory: str = "reuse"
-    """``train.host_memory`` for this process (``mindeye_dist.hostmem``), as ``train.run`` applies it."""
+    host_memory: str = "auto"
+    """``train.host_memory`` for this process (``mindeye_dist.hostmem``), as ``train.run`` applies it
+    (``auto``: reuse on CPU, glibc's defaults on GPU)."""
     real_loader_preset: str = "demo"
     real_loader_micro_batch: int = 32
     real_loader_steps: int = 40
@@ -317,7 +318,7 @@ def run_benchmark(opts: Optional[BenchmarkOptions] = None) -> dict[str, Any]:
     _, _, device = init_distributed()
     from mindeye_dist import hostmem
 
-    host_memory = hostmem.apply(opts.host_memory)  # as train.run does, before the models are built
+    host_memory = hostmem.apply(opts.host_memory, device.type)  # as train.run does, before the models are built
     precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     result: dict[str, Any] = {

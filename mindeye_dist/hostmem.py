@@ -97,8 +97,18 @@ def current() -> str:
     return _state or "unchanged"
 
 
-def apply(mode: str) -> str:
-    """Apply a ``train.host_memory`` setting; returns :func:`current`."""
+def resolve(mode: str, device_type: str) -> str:
+    """``auto`` -> ``reuse`` when the step runs on the CPU, else ``system``: on a GPU host the step's
+    tensors live on the device, and keeping the heap at its peak would only hold on to transient
+    host buffers (a ZeRO-3 checkpoint gathered on the host, say) for the rest of the run."""
+    if mode == "auto":
+        return "reuse" if device_type == "cpu" else "system"
+    return mode
+
+
+def apply(mode: str, device_type: str = "cpu") -> str:
+    """Apply a ``train.host_memory`` setting (``auto`` per :func:`resolve`); returns :func:`current`."""
+    mode = resolve(mode, device_type)
     if mode == "reuse":
         reuse_freed_memory()
     elif mode == "system":

@@ -166,7 +166,7 @@ def build_model_for_engine(model_cfg, ds: dict[str, Any], precision: str, **buil
     ``__init__`` its parameters are broadcast from rank 0 and partitioned, so no rank ever holds
     the whole model. Without it every rank builds the full fp32 model (4 bytes per parameter,
     20 GiB per rank at scale-5b) and DeepSpeed partitions it only inside ``deepspeed.initialize``;
-    under the shipped ``train.host_memory=reuse`` allocator that build peak also stays in the
+    under ``train.host_memory=reuse`` (the CPU default) that build peak also stays in the
     process's resident memory for the whole run. Initial weights are unchanged: the same
     constructors run in the same order on the same RNG, and each rank keeps its slice of rank 0's
     tensor (the path without zero.Init broadcasts from rank 0 too).
@@ -227,7 +227,7 @@ def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str,
         setup_logging(run_dir, rank)
         from mindeye_dist import hostmem
 
-        hostmem.apply(cfg.train.host_memory)  # before the first large allocation
+        hostmem.apply(cfg.train.host_memory, device.type)  # before the first large allocation
         ds_raw = load_ds_config(resolve_path(cfg.run.ds_config))
         ds = resolve_ds_config(ds_raw, cfg, world_size)  # fails before anything is allocated
         if cfg.train.precision == "fp16" and device.type == "cpu":

@@ -29,8 +29,9 @@ def faults():
 
 out = {{}}
 for step in sys.argv[1:]:
-    if step in ("reuse", "system"):
-        out[step + ":mode"] = hostmem.apply(step)
+    if step in ("reuse", "system") or step.startswith("auto"):
+        mode, _, device = step.partition(":")
+        out[step + ":mode"] = hostmem.apply(mode, device or "cpu")
     else:
         out.setdefault("faults", []).append(faults())
 print(json.dumps(out))
@@ -77,3 +78,11 @@ def test_system_mode_undoes_reuse():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="reuse"):
         hostmem.apply("jemalloc")
+
+
+def test_auto_reuses_on_cpu_only():
+    assert hostmem.resolve("auto", "cpu") == "reuse"
+    assert hostmem.resolve("auto", "cuda") == "system"
+    assert hostmem.resolve("system", "cpu") == "system" and hostmem.resolve("reuse", "cuda") == "reuse"
+    out = _probe("auto:cuda", "fill", "fill")  # a GPU run leaves glibc alone: every block faults
+    assert out["auto:cuda:mode"] == "unchanged" and out["faults"][1] > 0.9 * PAGES

@@ -128,7 +128,7 @@ def format_markdown(r: dict[str, Any]) -> str:
                 "built, max over ranks; untrimmed = the same without `malloc_trim` (glibc's free heap chunks count); "
                 "live tensors = bytes of every live CPU tensor storage (`torch.empty` buffers in full); step peak = "
                 "peak RSS during the second step (forward, backward, optimizer step) - baseline, against the estimate's "
-                "`peak_bytes` (states + transient buffers + activations). Under `train.host_memory=reuse` (the shipped "
+                "`peak_bytes` (states + transient buffers + activations). Under `train.host_memory=reuse` (the CPU "
                 "default) a run's RSS stays at the step peak. `+small_buckets`: the shipped config with every bucket at "
                 "5e6 elements.", ""]
     return "\n".join(out)

@@ -164,7 +164,7 @@ def _finite_per_parameter(self) -> bool:
 
 VARIANTS = {
     "system_malloc": "glibc's allocator defaults (blocks over 32 MiB mmapped and unmapped on free) instead of "
-                     "mindeye_dist.hostmem.reuse_freed_memory (train.host_memory=reuse)",
+                     "mindeye_dist.hostmem.reuse_freed_memory (train.host_memory=reuse, the CPU default)",
     "world1_allreduce": "DeepSpeed's backward all-reduce left on with one rank (it flattens every gradient into "
                         "buckets, 'all-reduces' them over one rank, scales by 1/1 and copies them back)",
     "per_param_finite_check": "the non-finite gradient check as one isfinite().all() per parameter instead of one "
