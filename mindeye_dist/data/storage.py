@@ -70,12 +70,13 @@ def set_process_s3_endpoint(endpoint: Optional[str]) -> None:
 
 
 def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, endpoint: Optional[str] = None, **kw) -> IO[bytes]:
-    """webdataset gopen handler for ``s3://``: a readahead s3fs stream from this process's
-    filesystem. Endpoint: the ``endpoint`` keyword, else the process default, else AWS_ENDPOINT_URL."""
+    """webdataset gopen handler for ``s3://``: a :class:`PipelinedReader` (its thread starts
+    downloading at once). Endpoint: the ``endpoint`` keyword, else the process default, else
+    AWS_ENDPOINT_URL."""
     if mode not in ("rb",):
         raise ValueError(f"gopen_s3 only reads (mode 'rb'), got {mode!r}")
-    fs = s3_filesystem(endpoint or _PROCESS_ENDPOINT["endpoint"] or resolve_endpoint())
-    return fs.open(url, "rb", block_size=_READ_BLOCK, cache_type="readahead")
+    return io.BufferedReader(PipelinedReader(url, endpoint or _PROCESS_ENDPOINT["endpoint"] or resolve_endpoint()),
+                             buffer_size=1 << 16)
 
 
 wds.gopen_schemes["s3"] = gopen_s3
@@ -338,12 +339,9 @@ class PipelinedReader(io.RawIOBase):
 
 
 def open_shard(url: str, endpoint: Optional[str] = None) -> IO[bytes]:
-    """A read stream for a shard: s3:// starts a :class:`PipelinedReader` at once (call it one
-    shard ahead to overlap the download with decoding), anything else goes through webdataset's
-    ``gopen``. The opening's errors surface on the first read or ``wait_open``."""
-    if is_s3(url):
-        return io.BufferedReader(PipelinedReader(url, endpoint or _PROCESS_ENDPOINT["endpoint"] or resolve_endpoint()),
-                                 buffer_size=1 << 16)
+    """A read stream for a shard through webdataset's ``gopen`` (``s3://`` is :func:`gopen_s3`,
+    whose download starts at once: call it one shard ahead to overlap it with decoding). An S3
+    opening's errors surface on the first read or :func:`wait_open`."""
     return wds.gopen(url, "rb", **({"endpoint": endpoint} if endpoint else {}))
 
 
