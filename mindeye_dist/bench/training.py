@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import time
 import types
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -172,8 +172,17 @@ VARIANTS = {
 }
 
 
-def apply_variants(engine, names: list[str]) -> None:
+def apply_variants(engine, names: list[str]) -> Callable[[], None]:
+    """Turn the named speed-ups off; returns the function that puts the shipped state back."""
     from mindeye_dist import hostmem
+
+    allocator, allreduce = hostmem.current(), engine.engine.enable_backward_allreduce
+
+    def restore() -> None:
+        if allocator == "reuse" and hostmem.current() != "reuse":
+            hostmem.reuse_freed_memory()
+        engine.engine.enable_backward_allreduce = allreduce
+        engine.__dict__.pop("_local_grads_finite_everywhere", None)
 
     for name in names:
         if name == "system_malloc":
@@ -183,15 +192,9 @@ def apply_variants(engine, names: list[str]) -> None:
         elif name == "per_param_finite_check":
             engine._local_grads_finite_everywhere = types.MethodType(_finite_per_parameter, engine)
         else:
+            restore()
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-
-
-def reset_variants(engine, host_memory: str) -> None:
-    from mindeye_dist import hostmem
-
-    hostmem.apply(host_memory)
-    engine.engine.enable_backward_allreduce = engine.engine.world_size > 1 or engine.zero_stage != 0
-    engine.__dict__.pop("_local_grads_finite_everywhere", None)
+    return restore
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,12 +298,12 @@ def measure_variants(engine, stepper: Stepper, batch, base_row: dict, repeats: i
     phases: dict[str, list] = {label: [] for label, _ in labels}
     for _ in range(max(1, repeats)):
         for label, names in labels:
-            apply_variants(engine, names)
+            restore = apply_variants(engine, names)
             try:
                 stepper(batch)  # a warm-up step after the switch (the allocator refills, buckets are built)
                 t, p = _timed_steps(stepper, batch, 1, 1e9, device)
             finally:
-                reset_variants(engine, host_memory)
+                restore()
             times[label] += t
             phases[label] += p
     for label, _ in labels:
