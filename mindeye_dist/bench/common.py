@@ -141,16 +141,22 @@ def measure_copy_bandwidth(device: torch.device | str = "cpu", mib: int = 512, r
     return 2.0 * n * 4 / median(times)
 
 
-def mem_available_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (None where there is no procfs)."""
+def proc_kib_bytes(path: str, key: str) -> Optional[int]:
+    """Bytes of a ``Key:   N kB`` line of a procfs file (/proc/meminfo, /proc/self/status);
+    None where there is no procfs or no such key."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def mem_available_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (None where there is no procfs)."""
+    return proc_kib_bytes("/proc/meminfo", "MemAvailable")
 
 
 def host_info() -> dict[str, Any]:
@@ -171,13 +177,7 @@ def host_info() -> dict[str, Any]:
         info["load_avg_at_start"] = list(os.getloadavg())
     except OSError:
         pass
-    total = None
-    try:
-        with open("/proc/meminfo") as f:
-            total = int(f.readline().split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    info["mem_total_bytes"] = total
+    info["mem_total_bytes"] = proc_kib_bytes("/proc/meminfo", "MemTotal")
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

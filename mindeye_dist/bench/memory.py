@@ -42,7 +42,7 @@ import tempfile
 import time
 from typing import Any, Optional
 
-from mindeye_dist.bench.common import REPO_ROOT, PresetSpec, experiment_config, log
+from mindeye_dist.bench.common import REPO_ROOT, PresetSpec, experiment_config, log, proc_kib_bytes
 from mindeye_dist.distributed import free_port
 
 PRECISIONS = ("fp32", "bf16")
@@ -57,13 +57,9 @@ def _rss() -> int:
 def _hwm() -> int:
     """VmHWM (this process's peak RSS since exec or the last :func:`_reset_hwm`). ``ru_maxrss`` is
     not used: Linux carries the parent's high-water mark across fork + exec, and it cannot be reset."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_kib_bytes("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     from mindeye_dist.metrics import memory_stats
 
     return int(memory_stats()["peak_rss_bytes"] or 0)
