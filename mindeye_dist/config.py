@@ -27,11 +27,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from mindeye_dist.errors import ConfigError
 from mindeye_dist.models.config import ModelConfig
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or invalid. The message names the key."""
+__all__ = ["ConfigError", "ExperimentConfig", "load_config", "dump_config", "from_dict", "to_dict"]
 
 
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:

@@ -15,7 +15,7 @@ _LAZY = {
     "load_with_new_subjects": "mindeye", "no_weight_decay_names": "mindeye", "component_parameters": "mindeye",
     "COMPONENTS": "mindeye", "Backbone": "backbone", "Projector": "projector", "DiffusionPrior": "prior",
     "PriorNetwork": "prior", "LowLevelHead": "lowlevel", "SubjectAdapters": "subjects",
-    "PRESETS": "presets", "resolve_model_config": "presets",
+    "PRESETS": "presets", "resolve_model_config": "resolve",
 }
 
 __all__ = ["ModelConfig", *_LAZY]

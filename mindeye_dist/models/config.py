@@ -5,7 +5,7 @@ Owned by the models package; ``mindeye_dist.config.ExperimentConfig.model`` is t
 Every architecture field is Optional: null means "the preset's value" (see
 :mod:`mindeye_dist.models.presets`), and the data dimensions (voxels, tokens, token dim, VAE
 latent shape) come from the dataset's ``meta.json`` unless set here, in which case they must
-agree. :func:`mindeye_dist.models.presets.resolve_model_config` turns a user config into a
+agree. :func:`mindeye_dist.models.resolve.resolve_model_config` turns a user config into a
 *resolved* one (no nulls left except where a feature is off), which is what the modules take.
 """
 
@@ -15,18 +15,16 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
+from mindeye_dist.errors import ConfigError
+from mindeye_dist.models.presets import DEFAULT_SUBJECT, PRESETS
+
 ARCHS = ("mindeye1", "mindeye2")
 NORMS = ("layernorm", "batchnorm", "none")
 ACTIVATIONS = ("gelu", "silu", "relu")
-DEFAULT_SUBJECT = "subj01"
-"""Name of the only subject when the table comes from a plain voxel count."""
 
 
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
-        # Imported here: mindeye_dist.config imports this module at its top.
-        from mindeye_dist.config import ConfigError
-
         raise ConfigError(f"model.{key}={value!r} is invalid: expected {allowed}")
 
 
@@ -101,8 +99,6 @@ class ModelConfig:
     """Low-level dropout (MindEye1: in its residual blocks, 0.25; MindEye2: after the map Linear, 0.3)."""
 
     def __post_init__(self) -> None:
-        from mindeye_dist.models.presets import PRESETS
-
         _check(self.preset in PRESETS, "preset", self.preset, "one of " + ", ".join(PRESETS))
         if self.lowlevel_shape is not None:
             self.lowlevel_shape = [int(v) for v in self.lowlevel_shape]

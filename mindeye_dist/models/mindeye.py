@@ -17,7 +17,7 @@ from torch import nn
 from mindeye_dist.models.backbone import Backbone
 from mindeye_dist.models.config import ModelConfig
 from mindeye_dist.models.lowlevel import LowLevelHead
-from mindeye_dist.models.presets import check_resolved, resolve_model_config
+from mindeye_dist.models.resolve import check_resolved, resolve_model_config
 from mindeye_dist.models.prior import DiffusionPrior, LayerNorm, PriorNetwork
 from mindeye_dist.models.projector import Projector
 from mindeye_dist.models.subjects import SubjectAdapters, SubjectIds, adapter_key_subject
