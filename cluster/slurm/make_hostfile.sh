@@ -26,7 +26,7 @@ while (($#)); do
     case "$1" in
         --nodes) nodes="${2:?--nodes needs a value}"; shift 2 ;;
         --slots) slots="${2:?--slots needs a value}"; shift 2 ;;
-        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
         --) shift; break ;;
         -*) die "unknown option '$1' (see --help)" ;;
         *) break ;;
