@@ -6,6 +6,27 @@
     python launchers/prepare_data.py synthetic --preset demo --out demo_out/data [--seed 0]
     # to S3 (credentials from the standard AWS sources; endpoint from AWS_ENDPOINT_URL or the flag)
     python launchers/prepare_data.py synthetic --preset demo --out s3://bucket/demo --s3-endpoint http://127.0.0.1:9000
+
+    # NSD as published (local folder or s3://), one subject; voxels, images and ids only
+    python launchers/prepare_data.py nsd --nsd-root /data/nsd --subject 1 --out data/subj01
+    #   MindEye1's split: 37 sessions, the 982 shared images seen in them; HDF5 betas release
+    python launchers/prepare_data.py nsd --nsd-root /data/nsd --subject 1 --sessions 1-37 --test shared982 \
+        --betas hdf5 --out data/subj01_me1
+    #   MindEye2's 1-hour setting: train on session 1, test on the shared images of all 40 sessions
+    python launchers/prepare_data.py nsd --nsd-root s3://lab/nsd --subject 1 --sessions 1 --test-sessions 1-40 \
+        --zscore session-nonshared --out s3://lab/shards/subj01_1sess
+    #   with targets computed right after the import (weights from local files, never a hub)
+    python launchers/prepare_data.py nsd --nsd-root /data/nsd --subject 1 --out data/subj01 \
+        --targets clip-l14-mindeye1=/weights/ViT-L-14.pt,sd-vae-mindeye1=/weights/sd_image_var_autoenc.pth
+
+    # add target fields to existing shards (resumable; shards split among the ranks of a launch)
+    python launchers/prepare_data.py targets --data data/subj01 --encoder clip-l14-mindeye1 --weights /weights/ViT-L-14.pt
+    torchrun --nproc_per_node 8 launchers/prepare_data.py targets --data s3://lab/shards/subj01 \
+        --encoder bigg14-mindeye2 --weights /weights/open_clip_bigG.safetensors --batch-size 64
+    python launchers/prepare_data.py targets --data data/subj01 --encoder teacher --weights /weights/convnext_xl.pt2
+
+    # MindEye1's released webdataset tars (webdataset_avg_split/) -> our shards
+    python launchers/prepare_data.py mindeye1-tars --src /data/webdataset_avg_split --subject 1 --out data/subj01_me1tars
 """
 
 from __future__ import annotations
@@ -37,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     arrays.add_argument("--subject", type=int, default=1, help="subject id stored with every sample")
     synthetic = sub.add_parser("synthetic", parents=[common], help="the synthetic subject with a known encoding model")
     synthetic.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    _add_importer_parsers(sub, common)
     args = parser.parse_args(argv)
     command = "python launchers/prepare_data.py " + " ".join(shlex.quote(a) for a in argv)
+    if args.source in IMPORTERS:
+        return _run_importer(args, command)
     common_kw = dict(
         val_fraction=args.val_fraction, max_samples_per_shard=args.max_samples_per_shard, s3_endpoint=args.s3_endpoint,
         overwrite=args.overwrite, command=command, progress=not args.quiet,
@@ -57,6 +81,95 @@ def main(argv: list[str] | None = None) -> int:
     if "retrieval_ceiling" in meta.raw:
         c = meta.raw["retrieval_ceiling"]
         print(f"retrieval ceiling ({c['way']}-way, {c['loops']} loops, {c['split']}): image top-1 {c['image_top1']:.3f}, brain top-1 {c['brain_top1']:.3f}")
+    return 0
+
+
+IMPORTERS = ("nsd", "targets", "mindeye1-tars")
+
+
+def _add_importer_parsers(sub, common) -> None:
+    """The nsd, targets and mindeye1-tars subcommands (mindeye_dist/data/nsd.py, targets.py, mindeye_tars.py)."""
+    from mindeye_dist.data.nsd import RELEASES, TEST_SETS, ZSCORE_MODES
+    from mindeye_dist.data.targets import ENCODERS
+
+    tgt_help = "none, or ENCODER=WEIGHTS[,ENCODER=WEIGHTS...] to add after the import (encoders: " + ", ".join(sorted(ENCODERS)) + ")"
+    nsd = sub.add_parser("nsd", parents=[common], help="import NSD files as published (nsddata/, nsddata_betas/, nsddata_stimuli/)")
+    nsd.add_argument("--nsd-root", required=True, help="folder (or s3://bucket/prefix) holding nsddata/, nsddata_betas/, nsddata_stimuli/")
+    nsd.add_argument("--subject", type=int, required=True, help="NSD subject 1-8")
+    nsd.add_argument("--sessions", default=None, help="train/val sessions, e.g. 1-40, 1 or 1,3,5-7 (default: all the subject has)")
+    nsd.add_argument("--test-sessions", default=None, help="sessions whose shared-image trials form test (default: --sessions)")
+    nsd.add_argument("--betas", choices=RELEASES, default="nifti", help="betas release to read (both give identical shards)")
+    nsd.add_argument("--beta-version", default="betas_fithrf_GLMdenoise_RR", help="GLMsingle folder under func1pt8mm/")
+    nsd.add_argument("--test", dest="test_set", choices=TEST_SETS, default="shared1000",
+                     help="shared1000: all shared images; shared982: those shown in sessions 1-37 (MindEye1)")
+    nsd.add_argument("--zscore", choices=ZSCORE_MODES, default="session",
+                     help="per voxel within each session over all trials | over non-shared trials (MindEye2 paper) | none")
+    nsd.add_argument("--min-reps", type=int, default=1, help="drop images with fewer real repetitions (1-3)")
+    nsd.add_argument("--image-size", type=int, default=None, help="resize stimuli (default: NSD's 425)")
+    nsd.add_argument("--no-stim-info-check", action="store_true", help="skip the cross-check against nsd_stim_info_merged.csv")
+    nsd.add_argument("--work-dir", default=None, help="session cache (default OUT/.nsd-work, or a temp folder for S3 output)")
+    nsd.add_argument("--keep-work", action="store_true", help="keep the session cache after success")
+    nsd.add_argument("--targets", default="none", help=tgt_help)
+    nsd.add_argument("--target-batch-size", type=int, default=32, help="images per encoder batch for --targets")
+    tg = sub.add_parser("targets", help="add a target field (CLIP tokens, VAE latents, teacher features) to existing shards")
+    tg.add_argument("--data", required=True, help="dataset root (local or s3://)")
+    tg.add_argument("--encoder", required=True, choices=sorted(ENCODERS))
+    tg.add_argument("--weights", required=True, help="local weights file or folder (no hub downloads)")
+    tg.add_argument("--field", default=None, help="field name to write (default: the encoder's, e.g. targets, vae, teacher)")
+    tg.add_argument("--batch-size", type=int, default=32)
+    tg.add_argument("--arch", default=None, help="open_clip architecture name override (e.g. a config added with --model-config)")
+    tg.add_argument("--model-config", default=None, help="open_clip model config JSON file or folder to register first")
+    tg.add_argument("--image-size", type=int, default=None, help="teacher input size (default: the encoder's)")
+    tg.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda")
+    tg.add_argument("--replace", action="store_true", help="recompute a field the dataset already has")
+    tg.add_argument("--s3-endpoint", default=None)
+    tg.add_argument("--quiet", action="store_true")
+    me1 = sub.add_parser("mindeye1-tars", parents=[common], help="convert MindEye1's webdataset_avg_split tars")
+    me1.add_argument("--src", required=True, help="the webdataset_avg_split folder (train/, val/, test/)")
+    me1.add_argument("--subject", type=int, default=None, help="subject to take when --src holds several")
+    me1.add_argument("--val", dest="val_source", choices=("mindeye1", "carve"), default="mindeye1",
+                     help="mindeye1: their 300-image val split is our val; carve: fold it into train (MindEye1's 8,859) and carve --val-fraction")
+    me1.add_argument("--targets", default="none", help=tgt_help)
+    me1.add_argument("--target-batch-size", type=int, default=32)
+
+
+def _run_importer(args, command: str) -> int:
+    from mindeye_dist.compat import MissingDependency
+    from mindeye_dist.data.targets import TargetSpec, add_targets, parse_target_specs
+
+    try:
+        if args.source == "targets":
+            spec = TargetSpec(encoder=args.encoder, weights=args.weights, field=args.field, batch_size=args.batch_size,
+                              arch=args.arch, model_config=args.model_config, image_size=args.image_size,
+                              device=args.device, replace=args.replace)
+            meta = add_targets(args.data, spec, s3_endpoint=args.s3_endpoint, progress=not args.quiet)
+        elif args.source == "nsd":
+            from mindeye_dist.data.nsd import NsdImportConfig, import_nsd
+
+            meta = import_nsd(NsdImportConfig(
+                nsd_root=args.nsd_root, subject=args.subject, out=args.out, sessions=args.sessions,
+                test_sessions=args.test_sessions, betas=args.betas, beta_version=args.beta_version, test_set=args.test_set,
+                zscore=args.zscore, val_fraction=args.val_fraction, seed=args.seed, min_reps=args.min_reps,
+                image_size=args.image_size, check_stim_info=not args.no_stim_info_check, work_dir=args.work_dir,
+                keep_work=args.keep_work, shard_size_mb=args.shard_size_mb or DEFAULT_SHARD_SIZE_MB,
+                max_samples_per_shard=args.max_samples_per_shard, s3_endpoint=args.s3_endpoint, overwrite=args.overwrite,
+                progress=not args.quiet, command=command,
+                targets=parse_target_specs(args.targets, batch_size=args.target_batch_size)))
+        else:
+            from mindeye_dist.data.mindeye_tars import MindEye1TarsConfig, import_mindeye1_tars
+
+            meta = import_mindeye1_tars(MindEye1TarsConfig(
+                src=args.src, out=args.out, subject=args.subject, val_source=args.val_source, val_fraction=args.val_fraction,
+                seed=args.seed, shard_size_mb=args.shard_size_mb or DEFAULT_SHARD_SIZE_MB,
+                max_samples_per_shard=args.max_samples_per_shard, s3_endpoint=args.s3_endpoint, overwrite=args.overwrite,
+                progress=not args.quiet, command=command,
+                targets=parse_target_specs(args.targets, batch_size=args.target_batch_size)))
+    except (DataError, MissingDependency) as err:
+        print(f"prepare_data: error: {err}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{name} {s.count}" for name, s in meta.splits.items())
+    fields = ", ".join(f"{k} {v.get('shape')}" for k, v in meta.raw["fields"].items() if k != "ids")
+    print(f"dataset {meta.url}: {counts} samples; fields: {fields}")
     return 0
 
 
