@@ -166,6 +166,37 @@ def test_resume_after_interrupted_import(tree, tmp_path, monkeypatch):
     assert reads == [1, 2, 3] and again.raw["created_at"] == meta.raw["created_at"]
 
 
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes(tree, tmp_path):
+    """A real SIGKILL in the middle of writing shards; the rerun finishes what is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fresh = _import(tree, tmp_path / "fresh", max_samples_per_shard=1)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(root / "launchers/prepare_data.py"), "nsd", "--nsd-root", str(tree.root), "--subject", "1",
+           "--sessions", "1-3", "--out", str(out), "--max-samples-per-shard", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(root)})
+    progress = out / N.PROGRESS_NAME
+    while proc.poll() is None:
+        try:
+            if len(json.loads(progress.read_text())["shards"].get("train", [])) >= 5:
+                proc.send_signal(signal.SIGKILL)
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert proc.wait(timeout=120) == -signal.SIGKILL, "the import finished before it could be killed"
+    assert not (out / "meta.json").exists()
+    meta = _import(tree, out, max_samples_per_shard=1)
+    assert _sha(meta) == _sha(fresh) and not [n for n in os.listdir(out) if ".partial-" in n]
+
+
 def test_shared982_leaves_out_images_shown_only_after_session_37(tree):
     design = L.read_design(L.NsdSource(str(tree.root)))
     late = {int(tree.subjectim[0, i - 1] - 1) for i in LATE_SHARED}  # shown only in sessions 38-40

@@ -272,6 +272,7 @@ def _train_stats(storage: Storage, records: list[S.ShardRecord], n_voxels: int) 
 
 def _prepare_output(storage: Storage, fp: str, cfg: MindEye1TarsConfig) -> tuple[S.Progress, bool]:
     storage.makedirs()
+    S.remove_partials(storage)  # a killed run's half-written shard
     progress = S.Progress(storage, PROGRESS_NAME, fp)
     if cfg.overwrite:
         S.clear_dataset(storage, extra=[PROGRESS_NAME])

@@ -368,6 +368,7 @@ def _fingerprint(cfg: NsdImportConfig, mask: L.Mask) -> str:
 def _prepare_output(storage: Storage, fp: str, cfg: NsdImportConfig) -> tuple[S.Progress, Optional[DatasetMeta]]:
     """(progress, meta if this exact import is already complete). Refuses to mix with other data."""
     storage.makedirs()
+    S.remove_partials(storage)  # a killed run's half-written shard
     progress = S.Progress(storage, PROGRESS_NAME, fp)
     if cfg.overwrite:
         S.clear_dataset(storage, extra=[PROGRESS_NAME])

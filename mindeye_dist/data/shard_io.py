@@ -182,6 +182,17 @@ def clear_dataset(storage: Storage, extra: Iterable[str] = ()) -> None:
             storage.remove(n)
 
 
+def remove_partials(storage: Storage) -> int:
+    """Delete temporary files a killed run left in a local dataset root (``.NAME.partial-*``);
+    S3 roots never hold any (shards are built in a local temp folder, then PUT whole)."""
+    if storage.remote or not os.path.isdir(storage.root):
+        return 0
+    stale = [n for n in os.listdir(storage.root) if n.startswith(".") and ".partial-" in n]
+    for n in stale:
+        os.remove(os.path.join(storage.root, n))
+    return len(stale)
+
+
 def foreign_files(storage: Storage, extra: Iterable[str] = ()) -> list[str]:
     import re
 

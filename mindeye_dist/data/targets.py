@@ -209,6 +209,7 @@ def _finish(storage: Storage, meta: DatasetMeta, field: str, fp: str, encoder_in
     if field == "targets":
         raw["n_tokens"], raw["token_dim"] = int(shape[0]), int(shape[-1])
     S.write_meta(storage, raw)
+    S.remove_partials(storage)  # every rank is done: whatever partial files remain are a killed run's
     for split in raw["splits"].values():
         for sh in split["shards"]:
             storage.remove(_marker(field, sh["name"]))
