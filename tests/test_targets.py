@@ -218,3 +218,33 @@ def test_two_ranks_split_the_shards(weights, tmp_path):
     a = {sh["name"]: sh["sha256"] for s in read_meta(one.url).raw["splits"].values() for sh in s["shards"]}
     b = {sh["name"]: sh["sha256"] for s in read_meta(two.url).raw["splits"].values() for sh in s["shards"]}
     assert a == b
+
+
+@pytest.mark.slow
+def test_nsd_download_to_trained_and_evaluated_model(weights, tmp_path):
+    """The README path on the miniature NSD tree, every step through its launcher."""
+    pytest.importorskip("nibabel")
+    from tests.nsd_tree import build_mini_nsd
+
+    tree = build_mini_nsd(tmp_path / "nsd", sessions=(1, 2, 3))
+    data, run = tmp_path / "data", tmp_path / "run"
+
+    def launch(script, *args):
+        r = subprocess.run([sys.executable, str(ROOT / "launchers" / script), *map(str, args)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    launch("prepare_data.py", "nsd", "--nsd-root", tree.root, "--subject", 1, "--sessions", "1-3", "--out", data,
+           "--image-size", 32, "--quiet")
+    launch("prepare_data.py", "targets", "--data", data, "--encoder", "clip-l14-mindeye1", "--weights", weights["clip"],
+           "--arch", "tiny-vit-test", "--model-config", weights["config"], "--quiet")
+    launch("prepare_data.py", "targets", "--data", data, "--encoder", "sd-vae-mindeye2", "--weights", weights["dir"] / "vae", "--quiet")
+    meta = read_meta(str(data))
+    assert (meta.n_tokens, meta.token_dim, meta.raw["fields"]["vae"]["shape"]) == (17, 24, [4, 28, 28])
+    launch("train.py", "--config", ROOT / "launchers/configs/tiny.yaml", f"data.url={data}", f"run.dir={run}",
+           "train.max_steps=4", "checkpoint.every_steps=4", "train.micro_batch_size=4")
+    out = tmp_path / "test.json"
+    launch("evaluate.py", "--run", run, "--split", "test", "--way", 8, "--loops", 2, "--out", out)
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == meta.splits["test"].count and 0.0 <= metrics["retrieval"]["image_top1"] <= 1.0
