@@ -7,6 +7,7 @@ Layout under ``RUN_DIR/checkpoints/``::
         train_state.json           human-readable copy of rank 0's TrainState
         COMPLETE                   written by rank 0 after every rank finished
     latest                   the tag of the newest COMPLETE checkpoint, replaced atomically
+    best                     (checkpoint.select=best) the tag of the best-on-validation checkpoint
 
 A checkpoint becomes visible only when ``latest`` names it, and ``latest`` is replaced only after
 every rank's files are on disk and ``COMPLETE`` exists, so a job killed mid-save (even with
@@ -33,6 +34,7 @@ from mindeye_dist.fsutil import atomic_write_bytes, fsync_dir
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+BEST = "best"
 
 
 @dataclass
@@ -146,22 +148,42 @@ def write_rank_state(ckpt_dir: Path, tag: str, rank: int, state: TrainState, rng
         atomic_write_bytes(target / "train_state.json", (json.dumps(state.to_dict(), indent=2) + "\n").encode())
 
 
-def commit(ckpt_dir: Path, tag: str, keep_last: int) -> list[str]:
-    """Rank 0, after every rank wrote its files: mark COMPLETE, point ``latest`` at it, prune.
+def commit(ckpt_dir: Path, tag: str, keep_last: int, best: bool = False) -> list[str]:
+    """Rank 0, after every rank wrote its files: mark COMPLETE, point ``latest`` at it (and
+    ``best`` when ``best``), prune.
 
     Returns the tags removed. Only checkpoints older than the new one are pruned, and the
-    partial directories of killed saves are removed with them.
+    partial directories of killed saves are removed with them; the one ``best`` names is kept.
     """
     atomic_write_bytes(ckpt_dir / tag / COMPLETE, b"")
     atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
+    if best:  # after latest: a kill in between leaves TrainState.best_val["tag"], which resume re-marks
+        mark_best(ckpt_dir, tag)
     removed = []
     complete = complete_tags(ckpt_dir)
     keep = set(complete[-keep_last:]) | {tag}
+    best_file = ckpt_dir / BEST
+    if best_file.is_file():
+        keep.add(best_file.read_text().strip())
     for path in sorted(ckpt_dir.glob("step_*")):
         if path.name not in keep and path.name < tag:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed
+
+
+def mark_best(ckpt_dir: Path, tag: str) -> None:
+    """Point ``best`` at the complete checkpoint ``tag``."""
+    atomic_write_bytes(Path(ckpt_dir) / BEST, tag.encode())
+
+
+def read_best(ckpt_dir: str | os.PathLike) -> Optional[str]:
+    """The tag ``best`` names, if the file exists and that checkpoint is COMPLETE; else None."""
+    path = Path(ckpt_dir) / BEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    return tag if tag and (Path(ckpt_dir) / tag / COMPLETE).is_file() else None
 
 
 def read_rank_state(ckpt_dir: Path, tag: str, rank: int) -> tuple[TrainState, dict[str, Any]]:

@@ -24,10 +24,29 @@ class DSConfigError(ValueError):
     """The DeepSpeed JSON is unreadable or disagrees with the experiment config."""
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "ds_configs"
+"""The shipped ``ds_configs/*.json``: a symlink to the repository's ``ds_configs/`` in a source tree,
+real files in an installed package (package data)."""
+
+
+def find_ds_config(path: str | os.PathLike) -> Path:
+    """``path`` as given (absolute, or relative to the working directory); else a shipped config
+    of that name (``ds_configs/zero2.json`` or just ``zero2.json``), so the defaults work from an
+    installed package and from any directory. A path that is neither comes back unchanged (the
+    loader then says it does not exist)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    shipped = SHIPPED_DIR / p.name
+    if p.parent in (Path("."), Path("ds_configs")) and shipped.is_file():
+        return shipped
+    return p
+
+
 def load_ds_config(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+    path = find_ds_config(path)
     if not path.is_file():
-        shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+        shipped = sorted(p.name for p in SHIPPED_DIR.glob("*.json"))
         raise DSConfigError(f"DeepSpeed config {str(path)!r} does not exist (shipped configs in ds_configs/: {', '.join(shipped)})")
     try:
         data = json.loads(path.read_text())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,19 +36,36 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+@dataclass
+class EngineOptions:
+    """Speed-ups the engine applies, as switches the benchmark turns off one at a time to measure
+    what each buys (BENCHMARKS.md); read at every step, so they can change between steps."""
+
+    skip_one_rank_allreduce: bool = True
+    """At ZeRO-0 with one rank, skip DeepSpeed's gradient all-reduce: it still flattens every
+    gradient into buckets, "all-reduces" them over one rank, scales by 1/1 and copies them back
+    (20% of a 214M-parameter step; 1.26x measured)."""
+    finite_check: str = "norm"
+    """fp32 ZeRO-0's non-finite gradient check: ``norm`` (one ``get_total_norm`` pass) or
+    ``per_param`` (``isfinite().all()`` per parameter, ~6 bytes of temporaries per gradient
+    element at the peak: 21 GiB at MindEye1 size; 1.19x slower measured)."""
+
+
 class DeepSpeedEngine:
     """A DeepSpeed engine plus the client optimizer and LR scheduler it was built with."""
 
-    def __init__(self, model: nn.Module, cfg: ExperimentConfig, ds_config: dict[str, Any], total_steps: int, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: ExperimentConfig, ds_config: dict[str, Any], total_steps: int,
+                 device: torch.device, options: Optional[EngineOptions] = None):
         import deepspeed
 
+        self.options = options or EngineOptions()
         self.device = device
         self.dtype = compute_dtype(cfg.train.precision)
         self.zero_stage = zero_stage(ds_config)
         optimizer, self.optimizer_name = build_optimizer(model, cfg.optim, device=device, offload=offloads_optimizer(ds_config))
-        self._manual_check = self.zero_stage == 0 and self.dtype == torch.float32
+        self.manual_finite_check = self.zero_stage == 0 and self.dtype == torch.float32
         self._skip_next = False
-        if self._manual_check:
+        if self.manual_finite_check:
             # Installed before the LR scheduler wraps optimizer.step (it warns about later overrides).
             original_step = optimizer.step
 
@@ -64,10 +82,7 @@ class DeepSpeedEngine:
             # ZeRO 1/2 skip the overflow check in fp32 by default; with it on they skip
             # non-finite steps on every rank (the check is all-reduced).
             self.engine.optimizer.check_grad_overflow = True
-        if self.zero_stage == 0 and self.engine.world_size == 1:
-            # With one rank DeepSpeed still flattens every gradient into buckets, "all-reduces"
-            # them, scales by 1/1 and copies them back: 20% of a 214M-parameter step, 1.26x (bench).
-            self.engine.enable_backward_allreduce = False
+        self._one_rank_zero0 = self.zero_stage == 0 and self.engine.world_size == 1
         log.info("optimizer: %s, ZeRO stage %d, %s", self.optimizer_name, self.zero_stage, cfg.train.precision)
 
     # -- the loop's protocol ------------------------------------------------------------------
@@ -82,6 +97,8 @@ class DeepSpeedEngine:
         self.engine.eval()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self._one_rank_zero0:
+            self.engine.enable_backward_allreduce = not self.options.skip_one_rank_allreduce
         self.engine.backward(loss)
 
     def at_boundary(self) -> bool:
@@ -90,7 +107,7 @@ class DeepSpeedEngine:
     def step(self) -> bool:
         """Step (a no-op between accumulation boundaries); True if the update was applied."""
         boundary = self.at_boundary()
-        if boundary and self._manual_check:
+        if boundary and self.manual_finite_check:
             self._skip_next = not self._local_grads_finite_everywhere()
         self.engine.step()
         if not boundary:
@@ -102,11 +119,14 @@ class DeepSpeedEngine:
         return applied
 
     def _local_grads_finite_everywhere(self) -> bool:
-        # One norm over all gradients is non-finite iff some element is; a per-parameter
-        # isfinite() would allocate ~6 bytes per gradient element (21 GiB peak at MindEye1 size).
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        bad = (~torch.isfinite(norm)).float().reshape(1).to(self.device)
+        if self.options.finite_check == "per_param":
+            ok = all(bool(torch.isfinite(g).all()) for g in grads)
+            bad = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        else:
+            # One norm over all gradients is non-finite iff some element is.
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+            bad = (~torch.isfinite(norm)).float().reshape(1).to(self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0.0

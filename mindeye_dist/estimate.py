@@ -158,7 +158,7 @@ num_nodes, cpu_offload, cpu_offload_params, zero_init, additional_buffer_factor)
 gpu_bytes, largest_layer_bytes)`` in ``deepspeed.runtime.zero.stage3``. They assume mixed precision
 (GPU: 2Ψ + 18Ψ/N for ZeRO-2, 4L + 18Ψ/N for ZeRO-3) and apply ``additional_buffer_factor`` to
 host memory only; the host number is per node. ``zero_init=True`` at stage 3 because
-:func:`mindeye_dist.train.build_model_for_engine` builds the model under ``deepspeed.zero.Init``
+:func:`mindeye_dist.trainer.build_model_for_engine` builds the model under ``deepspeed.zero.Init``
 there. DeepSpeed has no estimator for stages 0 and 1 or for parameter offload without optimizer
 offload: those report None. Its ``model_to_params`` helpers deduplicate by ``data_ptr()``, which
 is 0 for every meta tensor, so Ψ and L are counted here (``model.parameters()`` already yields a

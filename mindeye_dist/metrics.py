@@ -117,6 +117,30 @@ class JsonlLogger(Logger):
             self._file.close()
 
 
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
+    """Drop the records of ``path`` logged after ``last_step`` (a resumed run redoes those steps,
+    so readers see one value per step). Atomic; returns the number of records dropped."""
+    from mindeye_dist.fsutil import atomic_write_bytes
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1  # a torn last line from a killed write
+            continue
+        if isinstance(step, int) and step > last_step:
+            dropped += 1
+        else:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
+    return dropped
+
+
 def _scalar(value: Any) -> float | None:
     """A float for a scalar number (Python, numpy, one-element tensor); None for anything else."""
     if isinstance(value, torch.Tensor):
@@ -145,14 +169,16 @@ class TensorBoardLogger(Logger):
     file that lags a crash by two minutes is the usual TensorBoard complaint.
     """
 
-    def __init__(self, log_dir: str | os.PathLike):
+    def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None):
+        """``purge_step``: a resumed run's first step; TensorBoard then drops the events a crashed
+        run wrote at or after it, so every step shows one value."""
         from mindeye_dist.compat import require
 
         require("tensorboard", purpose="TensorBoard logging")  # names the right package if absent
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         for tag, value in _flatten(metrics):
@@ -206,8 +232,12 @@ def build_loggers(
     jsonl: bool = True,
     jsonl_name: str = "metrics.jsonl",
     tensorboard_dir: str = "tb",
+    purge_step: int | None = None,
 ) -> Logger:
     """The loggers of a run: ``RUN_DIR/metrics.jsonl`` and ``RUN_DIR/tb/`` on rank 0.
+
+    ``purge_step`` (a resumed run's first step) goes to TensorBoard (see
+    :class:`TensorBoardLogger`); :func:`truncate_jsonl` does the same for the jsonl file.
 
     Every other rank (``rank`` defaults to ``$RANK``, else 0) gets the no-op :class:`Logger`,
     so the loop calls ``logger.log`` everywhere without checking.
@@ -220,7 +250,7 @@ def build_loggers(
     if jsonl:
         loggers.append(JsonlLogger(run_dir / jsonl_name))
     if tensorboard:
-        loggers.append(TensorBoardLogger(run_dir / tensorboard_dir))
+        loggers.append(TensorBoardLogger(run_dir / tensorboard_dir, purge_step=purge_step))
     if not loggers:
         return Logger()
     return loggers[0] if len(loggers) == 1 else MultiLogger(loggers)

@@ -38,10 +38,9 @@ def _measure(stage: int, precision: str, device, tmp: Path) -> dict:
 
     from mindeye_dist.bench.common import PresetSpec, build, experiment_config, synthetic_batch
     from mindeye_dist.bench.memory import live_tensor_bytes
-    from mindeye_dist.bench.training import Stepper, make_engine
+    from mindeye_dist.bench.training import Stepper, make_trainer
     from mindeye_dist.ds_config import load_ds_config, resolve_ds_config
     from mindeye_dist.estimate import estimate_memory
-    from mindeye_dist.train import _forward_loss, build_model_for_engine
 
     raw = load_ds_config(ROOT / "ds_configs" / f"zero{stage}.json")
     raw.setdefault("zero_optimization", {}).update(ZERO_OVERRIDES.get(stage, {}))
@@ -52,14 +51,12 @@ def _measure(stage: int, precision: str, device, tmp: Path) -> dict:
     ds = resolve_ds_config(raw, cfg, 1)
 
     before = live_tensor_bytes()
-    torch.manual_seed(0)
-    model = build_model_for_engine(cfg.model, ds, precision, nominal=True, **spec.data_dims())
-    engine = make_engine(cfg, model, device)
-    del model
-    stepper = Stepper(engine, cfg, device)
-    batch = synthetic_batch(engine.module.model.config, 2, device)
+    trainer = make_trainer(spec, cfg, device, ds_config=ds)
+    engine = trainer.engine
+    stepper = Stepper(trainer)
+    batch = synthetic_batch(trainer.model.config, 2, device)
     stepper(batch)
-    terms = _forward_loss(engine, stepper.loss_fn, batch, 1, stepper.gen)
+    terms = trainer.forward_loss(batch)
     engine.backward(terms.total)
     del terms
     live = live_tensor_bytes() - before

@@ -6,8 +6,8 @@ torchrun would, one torch thread each). Each rank:
 
 1. ``init_distributed()`` (gloo), resolves the shipped ``ds_configs/zeroN.json`` as ``train.run``
    does, then the baseline: RSS after ``malloc_trim``.
-2. Builds the model exactly as ``train.run`` does (:func:`mindeye_dist.train.build_model_for_engine`:
-   under ``deepspeed.zero.Init`` at stage 3), then ``DeepSpeedEngine`` and one training step (it
+2. Builds the :class:`mindeye_dist.trainer.Trainer` exactly as ``train.run`` does (the model
+   under ``deepspeed.zero.Init`` at stage 3, then ``DeepSpeedEngine``) and one training step (it
    allocates the optimizer states). "After the step" RSS is recorded, then the peak-RSS counter is
    reset (``/proc/self/clear_refs``).
 3. Forward + backward of a second step: parameters, gradients (as the stage keeps them after its
@@ -118,34 +118,31 @@ def worker(preset: str, ds_config: str, micro_batch: int, precision: str, out_pa
     import torch
 
     from mindeye_dist.bench.common import synthetic_batch
-    from mindeye_dist.bench.training import Stepper, make_engine
+    from mindeye_dist.bench.training import Stepper, make_trainer
     from mindeye_dist.distributed import init_distributed, teardown_distributed
     from mindeye_dist.ds_config import load_ds_config, resolve_ds_config
-    from mindeye_dist.train import _forward_loss, build_model_for_engine, resolve_path
 
     rank, world, device = init_distributed()
     try:
         spec = PresetSpec.parse(preset)
         cfg = experiment_config(spec, micro_batch, precision=precision, ds_config=ds_config)
-        ds = resolve_ds_config(load_ds_config(resolve_path(ds_config)), cfg, world)
+        ds = resolve_ds_config(load_ds_config(ds_config), cfg, world)
         gc.collect()
         _malloc_trim()
         base = _rss()
-        torch.manual_seed(0)
-        model = build_model_for_engine(cfg.model, ds, precision, nominal=True, **spec.data_dims())
-        engine = make_engine(cfg, model, device)
-        del model
+        trainer = make_trainer(spec, cfg, device, ds_config=ds, world_size=world, rank=rank)
+        engine = trainer.engine
         gc.collect()
         after_init = _rss()
-        stepper = Stepper(engine, cfg, device)
-        batch = synthetic_batch(engine.module.model.config, micro_batch, device, seed=rank)
+        stepper = Stepper(trainer)
+        batch = synthetic_batch(trainer.model.config, micro_batch, device, seed=rank)
         stepper(batch)  # the first step allocates the optimizer states
         gc.collect()
         after_step = _rss()
         init_peak = _hwm()
         reset = _reset_hwm()
         # Second step up to the end of backward: every model state is alive, activations are freed.
-        terms = _forward_loss(engine, stepper.loss_fn, batch, 1, stepper.gen)
+        terms = trainer.forward_loss(batch)
         engine.backward(terms.total)
         del terms
         gc.collect()
@@ -233,7 +230,6 @@ def _estimates(preset: str, micro_batch: int, precision: str, runs: list[tuple[i
     from mindeye_dist.bench.common import build
     from mindeye_dist.ds_config import load_ds_config
     from mindeye_dist.estimate import estimate_memory
-    from mindeye_dist.train import resolve_path
 
     spec = PresetSpec.parse(preset)
     cfg = experiment_config(spec, micro_batch, precision=precision)
@@ -241,7 +237,7 @@ def _estimates(preset: str, micro_batch: int, precision: str, runs: list[tuple[i
         model = build(spec, cfg)
     rows, mem = {}, None
     for stage, path, key in runs:
-        mem = estimate_memory(model, ds_config=load_ds_config(resolve_path(path)), world_size=2,
+        mem = estimate_memory(model, ds_config=load_ds_config(path), world_size=2,
                               micro_batch_size=micro_batch, precision=precision)
         rows[key] = mem["stages"][str(stage)]
     facts = {"params": mem["total_params"], "largest_layer": mem["largest_layer"],

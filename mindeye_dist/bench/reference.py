@@ -5,7 +5,7 @@ initialised from its config: no weights can be downloaded here, and the cost doe
 the values) runs eager fp32 under ``no_grad`` on the batch's 224x224 images; its 257x768 tokens
 (``ln_post`` output over all tokens @ ``visual.proj``, captured with a forward hook) become the
 targets, not cached; then the same training step as ours (``TrainingModel`` + ``MindEyeLoss``
-through ``train._forward_loss``) with plain ``torch.optim.AdamW`` at its defaults (no ``fused``,
+through ``mindeye_dist.trainer.forward_loss``, the function ``Trainer.step`` calls) with plain ``torch.optim.AdamW`` at its defaults (no ``fused``,
 no ``foreach`` argument: the single-tensor loop on CPU, foreach on CUDA) as the references used,
 and no DeepSpeed. The model's token shape is smaller than 257x768 for the small presets, so the
 encoder's tokens are cropped to ``(n_tokens, token_dim)`` (the encoder cost, which dominates, is the
@@ -64,7 +64,7 @@ def fit_tokens(tokens: torch.Tensor, n_tokens: int, token_dim: int) -> torch.Ten
 
 
 class _PlainEngine:
-    """What ``train._forward_loss`` needs from an engine: call the model, know the dtype."""
+    """What ``trainer.forward_loss`` needs from an engine: call the model, know the dtype."""
 
     dtype = torch.float32
 
@@ -80,7 +80,7 @@ def measure_reference(spec: PresetSpec, micro_batch: int, steps: int, device: to
     """Median seconds per reference-style step (encoder + step), with the parts timed separately."""
     from mindeye_dist.losses import MindEyeLoss
     from mindeye_dist.optim import param_groups
-    from mindeye_dist.train import TrainingModel, _forward_loss
+    from mindeye_dist.trainer import TrainingModel, forward_loss
 
     cfg = experiment_config(spec, micro_batch, precision="fp32")
     t = time.perf_counter()
@@ -107,7 +107,7 @@ def measure_reference(spec: PresetSpec, micro_batch: int, steps: int, device: to
         batch.targets = fit_tokens(tokens, model_cfg.n_tokens, model_cfg.token_dim)
         sync(device)
         t1 = time.perf_counter()
-        terms = _forward_loss(engine, loss_fn, batch, i, gen)
+        terms = forward_loss(engine, loss_fn, batch, i, gen)
         terms.total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -118,7 +118,7 @@ def measure_reference(spec: PresetSpec, micro_batch: int, steps: int, device: to
     # Warm-up on one image (oneDNN primitive creation, first-touch of the weights) and one
     # model step, so the timed steps are steady state without paying a full warm-up batch.
     enc(images[:1])
-    terms = _forward_loss(engine, loss_fn, batch, 0, gen)
+    terms = forward_loss(engine, loss_fn, batch, 0, gen)
     terms.total.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -1,71 +1,81 @@
 """Training throughput of the real step, as users run it.
 
-The step is ``mindeye_dist.train``'s: ``TrainingModel`` (MindEye + the prior's loss in one
-forward) driven by ``mindeye_dist.engine.DeepSpeedEngine`` (a DeepSpeed engine, world of one,
-built from a shipped ``ds_configs/*.json`` resolved by ``resolve_ds_config``, with the client
-optimizer ``mindeye_dist.optim`` builds: torch's fused AdamW on CPU), ``train._forward_loss``
-(BiMixCo mixup + engine forward + ``MindEyeLoss``), ``engine.backward`` and ``engine.step``.
-Batches are synthetic and already in memory, so the step is measured without data cost; the
-data-wait share of the real loader is measured separately (:func:`measure_real_loader`).
+The step is :meth:`mindeye_dist.trainer.Trainer.step`, the one ``train.run`` calls: MindEye + the
+prior's loss in one forward, driven by ``mindeye_dist.engine.DeepSpeedEngine`` (a DeepSpeed
+engine, world of one, built from a shipped ``ds_configs/*.json`` resolved by
+``resolve_ds_config``, with the client optimizer ``mindeye_dist.optim`` builds: torch's fused
+AdamW on CPU), BiMixCo mixup and ``MindEyeLoss``, backward and the engine step. Batches are
+synthetic and already in memory and handed to ``step()``, so the step is measured without data
+cost; the data-wait share of the real loader is measured separately with the same trainer
+drawing from ``build_train_loader`` (:func:`measure_real_loader`).
 
 Every step is timed on its own (CPU timings are exact; on GPU the device is synced between
-phases), the median over the timed steps is reported, and FLOP/s = training FLOPs per sample
-(``estimate``: FlopCounterMode on the meta device) x samples/s.
+phases by a :class:`RecordingTimer` handed to the trainer), the median over the timed steps is
+reported, and FLOP/s = training FLOPs per sample (``estimate``: FlopCounterMode on the meta
+device) x samples/s.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-import types
 from typing import Any, Callable, Optional
 
 import torch
 
-from mindeye_dist.bench.common import PresetSpec, build, count, experiment_config, log, median, sync, synthetic_batch
+from mindeye_dist.bench.common import PresetSpec, count, experiment_config, log, median, sync, synthetic_batch
+from mindeye_dist.trainer import ModelDims, PhaseTimer, Trainer
 
 
-def make_engine(cfg, model, device: torch.device):
-    """``DeepSpeedEngine`` exactly as ``train.run`` builds it (for the initialised world)."""
-    from mindeye_dist.distributed import get_world_size
-    from mindeye_dist.ds_config import load_ds_config, resolve_ds_config
-    from mindeye_dist.engine import DeepSpeedEngine
-    from mindeye_dist.train import TrainingModel, resolve_path
+class RecordingTimer(PhaseTimer):
+    """Phase durations (forward_loss, backward, optimizer_step) of each micro-step, device synced
+    at every mark; records only while ``enabled``."""
 
-    ds = resolve_ds_config(load_ds_config(resolve_path(cfg.run.ds_config)), cfg, get_world_size())
-    return DeepSpeedEngine(TrainingModel(model), cfg, ds, cfg.train.max_steps, device)
+    def __init__(self, device: torch.device):
+        self.device, self.enabled = device, False
+        self.phases: list[tuple[float, ...]] = []
+        self._row: list[float] = []
+        self._t = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            sync(self.device)
+            self._row, self._t = [], time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if self.enabled:
+            sync(self.device)
+            now = time.perf_counter()
+            self._row.append(now - self._t)
+            self._t = now
+            if phase == "optimizer_step":
+                self.phases.append(tuple(self._row))
+
+
+def make_trainer(spec: PresetSpec, cfg, device: torch.device, ds_config: Optional[dict[str, Any]] = None,
+                 world_size: int = 1, rank: int = 0) -> Trainer:
+    """The :class:`Trainer` ``train.run`` would build for this preset (at the spec's data dims)."""
+    dims = ModelDims(**{k: (tuple(v) if k == "lowlevel_shape" else v) for k, v in spec.data_dims().items()}, nominal=True)
+    return Trainer(cfg, dims, rank=rank, world_size=world_size, device=device, ds_config=ds_config,
+                   timer=RecordingTimer(device))
 
 
 class Stepper:
-    """One training step of ``train.run``'s loop (without data loading and logging)."""
+    """One training step exactly as ``train.run`` takes it: ``Trainer.step`` on an in-memory batch."""
 
-    def __init__(self, engine, cfg, device: torch.device):
-        from mindeye_dist.losses import MindEyeLoss
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.timer: RecordingTimer = trainer.timer
 
-        self.engine, self.device = engine, device
-        self.loss_fn = MindEyeLoss(cfg.loss, cfg.train.max_steps)
-        self.gen = torch.Generator().manual_seed(0)
-        self.step_index = 0
-        self.skipped = 0
+    @property
+    def skipped(self) -> int:
+        return self.trainer.state.skipped_steps
 
     def __call__(self, batch, phases: Optional[list] = None) -> None:
-        from mindeye_dist.train import _forward_loss
-
-        t0 = time.perf_counter()
-        terms = _forward_loss(self.engine, self.loss_fn, batch, self.step_index, self.gen)
+        self.timer.enabled = phases is not None
+        self.trainer.step([batch])
         if phases is not None:
-            sync(self.device)
-        t1 = time.perf_counter()
-        self.engine.backward(terms.total)
-        if phases is not None:
-            sync(self.device)
-        t2 = time.perf_counter()
-        if not self.engine.step():
-            self.skipped += 1
-        if phases is not None:
-            sync(self.device)
-            phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
-        self.step_index += 1
+            phases.append(self.timer.phases[-1])
 
 
 def _timed_steps(stepper: Stepper, batch, repeats: int, budget_s: float, device) -> tuple[list[float], list]:
@@ -150,18 +160,6 @@ def _category(op: str) -> str:
 # Shipped speed-ups, each turned off again in this process: what each one buys, measured
 
 
-def _finite_per_parameter(self) -> bool:
-    """The engine's earlier check: ``isfinite(grad).all()`` per parameter (bool temporaries of
-    ~6 bytes per gradient element at the peak), verdict all-reduced."""
-    import torch.distributed as dist
-
-    ok = all(bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
-    bad = torch.tensor([0.0 if ok else 1.0], device=self.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0.0
-
-
 VARIANTS = {
     "system_malloc": "glibc's allocator defaults (blocks over 32 MiB mmapped and unmapped on free) instead of "
                      "mindeye_dist.hostmem.reuse_freed_memory (train.host_memory=reuse, the CPU default)",
@@ -172,25 +170,29 @@ VARIANTS = {
 }
 
 
-def apply_variants(engine, names: list[str]) -> Callable[[], None]:
-    """Turn the named speed-ups off; returns the function that puts the shipped state back."""
+def apply_variants(trainer: Trainer, names: list[str]) -> Callable[[], None]:
+    """Turn the named speed-ups off (engine options and the host allocator, both public switches);
+    returns the function that puts the shipped state back."""
+    import dataclasses
+
     from mindeye_dist import hostmem
 
-    allocator, allreduce = hostmem.current(), engine.engine.enable_backward_allreduce
+    options = trainer.engine.options
+    allocator, shipped = hostmem.current(), dataclasses.replace(options)
 
     def restore() -> None:
         if allocator == "reuse" and hostmem.current() != "reuse":
             hostmem.reuse_freed_memory()
-        engine.engine.enable_backward_allreduce = allreduce
-        engine.__dict__.pop("_local_grads_finite_everywhere", None)
+        for f in dataclasses.fields(shipped):
+            setattr(options, f.name, getattr(shipped, f.name))
 
     for name in names:
         if name == "system_malloc":
             hostmem.system_defaults()
         elif name == "world1_allreduce":
-            engine.engine.enable_backward_allreduce = True
+            options.skip_one_rank_allreduce = False
         elif name == "per_param_finite_check":
-            engine._local_grads_finite_everywhere = types.MethodType(_finite_per_parameter, engine)
+            options.finite_check = "per_param"
         else:
             restore()
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
@@ -202,24 +204,21 @@ def apply_variants(engine, names: list[str]) -> Callable[[], None]:
 
 def measure_real_loader(stepper: Stepper, url: str, micro_batch: int, steps: int, warmup: int, num_workers: int,
                         device: torch.device) -> dict[str, Any]:
-    """The same engine fed by ``build_train_loader`` (as in ``train.run``): data-wait share."""
+    """The same trainer drawing from ``build_train_loader`` (as in ``train.run``): data-wait share
+    from the trainer's own meter."""
     from mindeye_dist.config import DataConfig
     from mindeye_dist.data import build_train_loader
-    from mindeye_dist.metrics import ThroughputMeter
 
+    trainer = stepper.trainer
     cfg = DataConfig(url=url, num_workers=num_workers)
-    loader = build_train_loader(cfg, micro_batch, seed=0, rank=0, world_size=1)
-    it = iter(loader)
+    trainer.attach_loader(build_train_loader(cfg, micro_batch, seed=0, rank=0, world_size=1))
+    stepper.timer.enabled = False
     for _ in range(warmup):
-        stepper(next(it).to(device))
-    meter = ThroughputMeter(world_size=1)
-    meter.start()
+        trainer.step()
+    trainer.meter.start()
     for _ in range(steps):
-        with meter.data_wait():
-            batch = next(it).to(device)
-        stepper(batch)
-        meter.step(len(batch))
-    rep = meter.report(sync_device=device)
+        trainer.step()
+    rep = trainer.meter.report(sync_device=device)
     return {"url_kind": "local", "micro_batch": micro_batch, "num_workers": num_workers, "steps": steps,
             "samples_per_s": rep["samples_per_s"], "step_time_s": rep["step_time_s"],
             "data_wait_s": rep["data_wait_s"], "data_wait_share": rep["data_wait_share"]}
@@ -242,16 +241,13 @@ def measure_preset(spec: PresetSpec, micro_batches: list[int], *, repeats: int, 
                            "params": est["params"]["total"], "flops_per_sample": flops_per_sample,
                            "flops_by_component": est["flops"], "precision": precision, "ds_config": ds_config}
     t = time.perf_counter()
-    torch.manual_seed(0)
-    model = build(spec, cfg)
-    out["build_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    engine = make_engine(cfg, model, device)
-    out["engine_init_s"] = time.perf_counter() - t
-    out["engine"] = f"mindeye_dist.engine.DeepSpeedEngine (DeepSpeed ZeRO-{engine.zero_stage}, world of one), " \
+    trainer = make_trainer(spec, cfg, device)
+    out["trainer_init_s"] = time.perf_counter() - t  # model build + DeepSpeed engine
+    engine = trainer.engine
+    out["engine"] = f"mindeye_dist.trainer.Trainer on DeepSpeedEngine (DeepSpeed ZeRO-{engine.zero_stage}, world of one), " \
                     f"optimizer {engine.optimizer_name}"
-    stepper = Stepper(engine, cfg, device)
-    model_cfg = engine.module.model.config
+    stepper = Stepper(trainer)
+    model_cfg = trainer.model.config
     rows = []
     for mb in micro_batches:
         batch = synthetic_batch(model_cfg, mb, device)
@@ -270,18 +266,18 @@ def measure_preset(spec: PresetSpec, micro_batches: list[int], *, repeats: int, 
     if variants and device.type == "cpu":
         vrow = next((r for r in rows if r["micro_batch"] == variant_micro_batch), best)
         batch = synthetic_batch(model_cfg, vrow["micro_batch"], device)
-        out["variants"] = measure_variants(engine, stepper, batch, vrow, variant_repeats, flops_per_sample, peak,
+        out["variants"] = measure_variants(stepper, batch, vrow, variant_repeats, flops_per_sample, peak,
                                            datasheet_peak, device)
     if real_loader:
         out["real_loader"] = measure_real_loader(stepper, device=device, **real_loader)
         log(f"{spec.name} real loader: data-wait share {out['real_loader']['data_wait_share']:.3f}")
     out["skipped_steps"] = stepper.skipped
-    del stepper, engine, model
+    del stepper, engine, trainer
     gc.collect()
     return out
 
 
-def measure_variants(engine, stepper: Stepper, batch, base_row: dict, repeats: int, flops_per_sample: float,
+def measure_variants(stepper: Stepper, batch, base_row: dict, repeats: int, flops_per_sample: float,
                      peak: float, datasheet_peak: Optional[float], device) -> dict[str, Any]:
     """Step time as shipped and with each shipped speed-up turned off on its own (the baseline is
     re-measured in the same window, interleaved, so load drift hits every side alike)."""
@@ -290,7 +286,7 @@ def measure_variants(engine, stepper: Stepper, batch, base_row: dict, repeats: i
     host_memory = "reuse" if hostmem.current() == "reuse" else "system"
     mb = base_row["micro_batch"]
     labels = [("as shipped", [])] + [(f"off: {n}", [n]) for n in VARIANTS
-                                      if n != "per_param_finite_check" or engine._manual_check]
+                                      if n != "per_param_finite_check" or stepper.trainer.engine.manual_finite_check]
     if host_memory != "reuse":
         labels = [lab for lab in labels if lab[1] != ["system_malloc"]]
     result: dict[str, Any] = {"micro_batch": mb, "descriptions": VARIANTS, "host_memory": host_memory, "rows": {}}
@@ -298,7 +294,7 @@ def measure_variants(engine, stepper: Stepper, batch, base_row: dict, repeats: i
     phases: dict[str, list] = {label: [] for label, _ in labels}
     for _ in range(max(1, repeats)):
         for label, names in labels:
-            restore = apply_variants(engine, names)
+            restore = apply_variants(stepper.trainer, names)
             try:
                 stepper(batch)  # a warm-up step after the switch (the allocator refills, buckets are built)
                 t, p = _timed_steps(stepper, batch, 1, 1e9, device)

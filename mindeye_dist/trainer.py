@@ -1,0 +1,384 @@
+"""The training step every caller uses: build, step, evaluate, save.
+
+``train.run`` (every launcher and the Ray sweeps), the benchmark harness and the tests drive
+training through this one surface, so what is measured is what users run::
+
+    trainer = Trainer(cfg, ModelDims.from_meta(meta), rank=rank, world_size=world, device=device)
+    trainer.attach_loader(build_train_loader(...))      # or pass batches to step() yourself
+    result = trainer.step()                             # one optimizer step (grad_accum micro-batches)
+    metrics = trainer.validate(meta)                    # retrieval and loss on the validation split
+    tag = trainer.save(run_dir / "checkpoints", keep_last=2)
+
+What one step does, per micro-batch: BiMixCo mixup while the loss schedule says so -> the
+engine's forward (MindEye and the prior's loss inside one forward, so ZeRO-3's hooks see every
+parameter) -> every loss term -> backward -> engine step (DeepSpeed decides where the
+accumulation boundary is). Non-finite steps are skipped on every rank together and counted;
+``train.max_bad_steps`` in a row raise :class:`TrainingAborted` on every rank with the same
+message. Nothing here syncs the device; loss terms come back as device tensors.
+
+Components with a no-op default keep the step free of "is X on" branches: ``faults``
+(:mod:`mindeye_dist.faults`, for the tests of skipping and resume) and ``timer`` (phase
+timestamps, for the benchmark's forward/backward/optimizer split).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mindeye_dist import checkpoint as ckpt
+from mindeye_dist.config import ExperimentConfig
+from mindeye_dist.errors import ConfigError
+from mindeye_dist.faults import NO_FAULTS, Faults
+
+log = logging.getLogger("mindeye_dist.trainer")
+
+
+class TrainingAborted(RuntimeError):
+    """Raised on every rank together when training cannot continue (e.g. too many bad steps)."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The data dimensions a model is built for (from a dataset's meta.json or a preset's nominal dims)."""
+
+    n_voxels: Optional[int] = None
+    n_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    lowlevel_shape: Optional[tuple[int, ...]] = None
+    nominal: bool = False
+    """Fill dims nobody gave from the preset's nominal ones (estimates and benchmarks, no dataset)."""
+
+    @classmethod
+    def from_meta(cls, meta) -> "ModelDims":
+        shape = meta.field_shape("vae")
+        return cls(meta.n_voxels, meta.n_tokens, meta.token_dim, tuple(shape) if shape else None)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"n_voxels": self.n_voxels, "n_tokens": self.n_tokens, "token_dim": self.token_dim,
+                "lowlevel_shape": list(self.lowlevel_shape) if self.lowlevel_shape else None, "nominal": self.nominal}
+
+
+class PhaseTimer:
+    """No timing: ``start`` and ``mark`` are no-ops (the benchmark passes a timer that records)."""
+
+    def start(self) -> None:
+        """A micro-step begins."""
+
+    def mark(self, phase: str) -> None:
+        """``phase`` (forward_loss, backward, optimizer_step) of the current micro-step ended."""
+
+
+@dataclass
+class StepResult:
+    step: int
+    """Steps completed, this one included (1-based, as in metrics.jsonl)."""
+    applied: bool
+    """False when the update was skipped (non-finite loss or gradients on some rank)."""
+    terms: Any
+    """The last micro-batch's :class:`mindeye_dist.losses.LossTerms` (device tensors)."""
+    samples: int
+    """This rank's samples in the step."""
+
+
+class TrainingModel(nn.Module):
+    """MindEye plus its prior's loss in one forward.
+
+    ZeRO-3 gathers a module's parameters in that module's forward hooks, so the prior's loss
+    must run inside a forward the engine calls. Export strips the ``model.`` prefix.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, voxels: torch.Tensor, subject: torch.Tensor, prior_target: Optional[torch.Tensor] = None):
+        out = self.model(voxels, subject)
+        prior_loss = None
+        if getattr(self.model, "prior", None) is not None and prior_target is not None:
+            prior_loss, _ = self.model.prior(out.backbone, prior_target)
+        return out, prior_loss
+
+    def no_weight_decay_names(self) -> set[str]:
+        inner = getattr(self.model, "no_weight_decay_names", None)
+        return {f"model.{n}" for n in inner()} if callable(inner) else set()
+
+
+def build_model_for_engine(model_cfg, ds: dict[str, Any], precision: str, **build_kwargs: Any) -> nn.Module:
+    """The MindEye model as the engine trains it; ``build_kwargs`` go to ``models.build_model``.
+
+    Call it after seeding torch identically on every rank. For ZeRO-3 (``ds`` is the resolved
+    DeepSpeed config) the model is built under ``deepspeed.zero.Init``: right after each module's
+    ``__init__`` its parameters are broadcast from rank 0 and partitioned, so no rank ever holds
+    the whole model. Without it every rank builds the full fp32 model (20 GiB per rank at
+    scale-5b) and DeepSpeed partitions it only inside ``deepspeed.initialize``. Initial weights
+    are unchanged: the same constructors run in the same order on the same RNG, and each rank
+    keeps its slice of rank 0's tensor.
+
+    ``tensor_overrides=[]`` keeps construction itself unchanged: by default zero.Init also
+    creates every floating tensor made during ``__init__`` in the training dtype, which would turn
+    the prior's noise schedule (diffusers' ``alphas_cumprod``, not a parameter) into bf16. The
+    partitions are cast to the training dtype afterwards instead, exactly the cast
+    ``DeepSpeedEngine`` applies to a model built without zero.Init.
+    """
+    from mindeye_dist.ds_config import zero_stage
+    from mindeye_dist.models import build_model
+
+    if zero_stage(ds) != 3:
+        return build_model(model_cfg, **build_kwargs)
+    import deepspeed
+    from deepspeed.runtime.zero.utils import is_zero_param
+
+    from mindeye_dist.engine import compute_dtype
+
+    with deepspeed.zero.Init(config_dict_or_path=ds, tensor_overrides=[]):
+        model = build_model(model_cfg, **build_kwargs)
+    dtype = compute_dtype(precision)
+    for param in model.parameters():
+        if not is_zero_param(param):
+            raise RuntimeError("deepspeed.zero.Init left a parameter unpartitioned")
+        if param.ds_tensor.dtype != dtype and param.ds_tensor.is_floating_point():
+            # ds_tensor is this rank's partition; param.data is an empty placeholder whose dtype
+            # DeepSpeed uses for the all-gather buffers, so both change together.
+            param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+            param.data = param.data.to(dtype)
+    return model
+
+
+def forward_loss(engine, loss_fn, batch, step: int, generator: torch.Generator):
+    """Mixup (BiMixCo phase), ``engine``'s forward and every loss term for one micro-batch.
+
+    ``engine`` is anything callable like the DeepSpeed engine with a ``dtype`` (the benchmark's
+    reference loop passes the bare module); ``step`` is 0-based and drives the loss schedule.
+    """
+    voxels, mix = loss_fn.mix(step, batch.voxels, generator, batch.subject)
+    out, prior_loss = engine(voxels.to(engine.dtype), batch.subject, batch.targets.to(engine.dtype))
+    lowlevel_pred = getattr(out, "lowlevel", None)
+    return loss_fn(step, out.projector.float(), batch.targets, mix=mix,
+                   prior=None if prior_loss is None else prior_loss.float(),
+                   lowlevel_pred=None if lowlevel_pred is None or batch.vae is None else lowlevel_pred.float(),
+                   lowlevel_target=batch.vae)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean over ranks of a dict of floats (one collective)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+class Trainer:
+    """One model, its engine, loss and train state; the step, validation and checkpoints.
+
+    Build it on every rank after ``init_distributed`` (``rank``/``world_size``/``device`` are what
+    that returned). ``ds_config`` is the resolved DeepSpeed dict; by default the one
+    ``cfg.run.ds_config`` names is loaded and resolved here.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, dims: ModelDims, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device = torch.device("cpu"), ds_config: Optional[dict[str, Any]] = None,
+                 faults: Faults = NO_FAULTS, timer: Optional[PhaseTimer] = None, engine_options=None):
+        from mindeye_dist.ds_config import load_ds_config, resolve_ds_config
+        from mindeye_dist.engine import DeepSpeedEngine
+        from mindeye_dist.losses import MindEyeLoss
+        from mindeye_dist.metrics import ThroughputMeter
+
+        self.cfg, self.dims = cfg, dims
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.faults, self.timer = faults, timer or PhaseTimer()
+        if ds_config is None:
+            ds_config = resolve_ds_config(load_ds_config(cfg.run.ds_config), cfg, world_size)
+        self.ds_config = ds_config
+        total_steps = cfg.train.max_steps
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.model = build_model_for_engine(cfg.model, ds_config, cfg.train.precision, **dims.kwargs())
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: ds_numel
+        self.engine = DeepSpeedEngine(TrainingModel(self.model), cfg, ds_config, total_steps, device, engine_options)
+        self.loss_fn = MindEyeLoss(cfg.loss, total_steps)
+        self.loss_gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)
+        self.state = ckpt.TrainState(total_steps=total_steps, world_size=world_size)
+        self.meter = ThroughputMeter(world_size=world_size)
+        self.loader = None
+        self._batches: Optional[Iterator] = None
+
+    # ------------------------------------------------------------------ the step
+
+    def attach_loader(self, loader) -> None:
+        """Draw the step's micro-batches from ``loader`` (a TrainLoader started at the state's position)."""
+        self.loader = loader
+        self._batches = iter(loader)
+
+    def _draw(self) -> Iterator:
+        """Micro-batches from the attached loader, timed as data wait, moving the data position."""
+        if self._batches is None:
+            raise RuntimeError("Trainer.step() without batches needs attach_loader() first")
+        while True:
+            with self.meter.data_wait():
+                batch = next(self._batches)
+            self.state.epoch, self.state.batch_in_epoch = self.loader.position
+            yield batch
+
+    def forward_loss(self, batch):
+        """Mixup (BiMixCo phase), the engine forward and every loss term for one micro-batch."""
+        return forward_loss(self.engine, self.loss_fn, batch, self.state.step, self.loss_gen)
+
+    def step(self, batches: Optional[Iterable] = None) -> StepResult:
+        """One optimizer step over ``train.grad_accum_steps`` micro-batches (from the attached
+        loader, or ``batches``); raises :class:`TrainingAborted` after too many bad steps."""
+        accum = self.cfg.train.grad_accum_steps
+        number = self.state.step + 1
+        self.faults.at_step_start(number, self.rank)
+        if batches is None:
+            source = self._draw()
+        else:
+            batches = list(batches)
+            if len(batches) != accum:
+                raise ValueError(f"step() got {len(batches)} micro-batches; train.grad_accum_steps={accum}")
+            source = iter(batches)
+        applied, samples, terms = True, 0, None
+        for _ in range(accum):
+            batch = next(source).to(self.device)
+            self.timer.start()
+            terms = self.forward_loss(batch)
+            loss = self.faults.poison(terms.total, number, self.rank)
+            self.timer.mark("forward_loss")
+            self.engine.backward(loss)
+            self.timer.mark("backward")
+            applied = self.engine.step()
+            self.timer.mark("optimizer_step")
+            samples += len(batch)
+        self.meter.step(samples)
+        state = self.state
+        state.samples_seen += samples * self.world_size
+        state.step += 1
+        if applied:
+            state.consecutive_bad = 0
+        else:
+            state.skipped_steps += 1
+            state.consecutive_bad += 1
+            log.warning("step %d skipped: non-finite loss or gradients on some rank (%d in a row)", state.step,
+                        state.consecutive_bad)
+            if state.consecutive_bad >= self.cfg.train.max_bad_steps:
+                raise TrainingAborted(
+                    f"{state.consecutive_bad} consecutive steps had non-finite loss or gradients (train.max_bad_steps="
+                    f"{self.cfg.train.max_bad_steps}); stopping at step {state.step}. Lower optim.max_lr, check the "
+                    f"data for NaN/inf, or resume from the last checkpoint.")
+        return StepResult(state.step, applied, terms, samples)
+
+    def step_metrics(self, result: StepResult) -> dict[str, float]:
+        """The logged metrics of a step: loss terms averaged over ranks (one collective; host sync),
+        throughput of the window since the last call, LR, grad norm, progress counters."""
+        from mindeye_dist.metrics import memory_stats
+
+        state = self.state
+        metrics = all_mean({k: float(v) for k, v in result.terms.as_dict().items()}, self.device)
+        report = self.meter.report(sync_device=self.device)
+        metrics.update({f"perf/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+        metrics.update({"lr": self.engine.lr(), "grad_norm": self.engine.grad_norm() or 0.0, "epoch": state.epoch,
+                        "samples_seen": state.samples_seen, "skipped_steps": state.skipped_steps,
+                        "loss/phase_bimixco": float(result.terms.phase == "bimixco")})
+        metrics.update({f"mem/{k}": v for k, v in memory_stats(self.device).items()})
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def embed(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retrieval-submodule outputs and targets for every batch of ``loader`` (float32, CPU).
+
+        Every rank must call it on the same rows in lock-step (ZeRO-3 gathers parameters
+        collectively); the engine is left in eval mode.
+        """
+        self.engine.eval()
+        preds, targets = [], []
+        for batch in loader:
+            batch = batch.to(self.device)
+            out, _ = self.engine(batch.voxels.to(self.engine.dtype), batch.subject)
+            preds.append(out.projector.float().cpu())
+            targets.append(batch.targets.float().cpu())
+        return torch.cat(preds), torch.cat(targets)
+
+    def validate(self, meta, split: Optional[str] = None) -> dict[str, float]:
+        """Retrieval and contrastive loss on the validation split (held out from train; never test).
+
+        ``val/image_top1``, ``val/brain_top1`` (``eval.retrieval_way``-way, capped at the split
+        size, ``eval.retrieval_loops`` random subsets), their mean ``val/retrieval_top1``, and
+        ``val/loss``: bidirectional InfoNCE at the temperature training ends with, averaged over
+        the same random ``way``-subsets (a contrastive loss depends on how many candidates it sees,
+        so the subset size is fixed; this is the loss the scaling-law report fits). Every rank
+        computes the same numbers. Returns {} when the dataset has no such split.
+        """
+        from mindeye_dist.data import build_eval_loader
+        from mindeye_dist.evaluate import retrieval_accuracy
+        from mindeye_dist.losses import info_nce_loss
+
+        cfg = self.cfg
+        split = split or cfg.data.val_split
+        if split not in meta.splits or meta.split(split).count == 0:
+            return {}
+        preds, targets = self.embed(build_eval_loader(cfg.data, split, batch_size=cfg.eval.batch_size, meta=meta))
+        self.engine.train()
+        way = min(cfg.eval.retrieval_way, len(preds))
+        res = retrieval_accuracy(preds, targets, way=way, loops=cfg.eval.retrieval_loops, seed=cfg.run.seed)
+        temperature = self.loss_fn.schedule.temperature(cfg.train.max_steps)
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        subsets = [torch.randperm(len(preds), generator=gen)[:way] for _ in range(cfg.eval.retrieval_loops)]
+        loss = sum(float(info_nce_loss(preds[i], targets[i], temperature)) for i in subsets) / len(subsets)
+        return {"val/image_top1": res["image_top1"], "val/brain_top1": res["brain_top1"],
+                "val/retrieval_top1": 0.5 * (res["image_top1"] + res["brain_top1"]), "val/loss": loss, "val/way": way}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, ckpt_dir: Path, keep_last: int, best: bool = False) -> str:
+        """Checkpoint the current step on every rank (collective); ``best`` also marks it best."""
+        tag = ckpt.tag_for(self.state.step)
+        if self.rank == 0:
+            ckpt.prepare_tag_dir(ckpt_dir, tag)
+        _barrier()
+        self.engine.save(ckpt_dir, tag)
+        rng = ckpt.rng_state({"loss": self.loss_gen})
+        rng["scheduler"] = self.engine.scheduler_state()
+        ckpt.write_rank_state(ckpt_dir, tag, self.rank, self.state, rng)
+        _barrier()
+        self.faults.in_save(self.state.step)
+        if self.rank == 0:
+            removed = ckpt.commit(ckpt_dir, tag, keep_last, best=best)
+            log.info("checkpoint %s saved%s%s", tag, " (best so far)" if best else "",
+                     f" (pruned {', '.join(removed)})" if removed else "")
+        _barrier()
+        return tag
+
+    def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        """Restore weights, optimizer, LR schedule and train state from ``tag``; returns the RNG
+        state to apply with :meth:`restore_rng` right before the first step (setup in between,
+        such as building the loader, may draw random numbers)."""
+        state, rng = ckpt.read_rank_state(ckpt_dir, tag, self.rank)
+        if state.world_size != self.world_size:
+            raise ConfigError(f"checkpoint {tag} was written by {state.world_size} ranks; this run has "
+                              f"{self.world_size}. Resume with the same number of ranks.")
+        if state.total_steps != self.cfg.train.max_steps:
+            raise ConfigError(f"train.max_steps={self.cfg.train.max_steps} but the run in {ckpt_dir.parent} was started "
+                              f"with {state.total_steps}: the LR and loss schedules cannot be stretched. Use a new run.dir.")
+        self.engine.load(ckpt_dir, tag)
+        self.engine.load_scheduler_state(rng.pop("scheduler"))
+        self.state = state
+        return rng
+
+    def restore_rng(self, rng: dict[str, Any]) -> None:
+        ckpt.set_rng_state(rng, {"loss": self.loss_gen})
