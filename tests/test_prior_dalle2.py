@@ -18,10 +18,12 @@ import torch
 
 pytest.importorskip("dalle2_pytorch", reason="install the reference extra + dalle2-pytorch==1.14.2 (--no-deps)")
 
+from dalle2_pytorch.dalle2_pytorch import LayerNorm as Dalle2LayerNorm  # noqa: E402
 from dalle2_pytorch.dalle2_pytorch import RelPosBias  # noqa: E402
 
 from mindeye_dist.convert import dalle2_prior_net_key, prior_net_from_dalle2  # noqa: E402
-from mindeye_dist.models.prior import DiffusionPrior, PriorNetwork, RelativePositionBias, schedule_tables  # noqa: E402
+from mindeye_dist.models.prior import (DiffusionPrior, LayerNorm, PriorNetwork, RelativePositionBias,  # noqa: E402
+                                       schedule_tables)
 from tests.reference_layouts import dalle2_diffusion_prior, dalle2_prior_network, perturb_  # noqa: E402
 
 # (dim, n_tokens, depth, dim_head, heads): 70 tokens -> 141-token sequence, so every bucket regime
@@ -73,6 +75,22 @@ def test_relative_position_bias_equals_dalle2():
     ref.relative_attention_bias.weight.data.copy_(ours.embedding.weight.data)
     n = 515  # MindEye1: 257 + 1 + 257 tokens
     torch.testing.assert_close(ours(n, n + 1, torch.device("cpu")), ref(n, n + 1, device="cpu"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stable", [False, True])
+def test_layer_norm_equals_dalle2_in_every_precision(dtype, stable):
+    """Gain only, eps 1e-5 in fp32 and 1e-3 otherwise, the stable variant dividing by the row max.
+    Rows of variance ~1e-3 make the two eps values give outputs ~1.4x apart."""
+    ref, ours = Dalle2LayerNorm(64, stable=stable), LayerNorm(64, stable=stable)
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.1 * torch.randn(64))
+        ref.g.copy_(ours.weight)
+    x = torch.cat([torch.randn(3, 64) * 4, 0.03 * torch.randn(3, 64)])
+    expected = ref.to(dtype)(x.to(dtype)).float()
+    got = ours.to(dtype)(x.to(dtype)).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("sizes", SMALL)
