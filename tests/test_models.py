@@ -4,6 +4,7 @@ meta device, gradients, multi-subject grouping, adding a subject, config resolut
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -81,19 +82,97 @@ def test_mindeye2_parameter_counts_match_digest():
     counts = component_parameters(model)
     ridge = sum(p.numel() for p in model.backbone.adapters.parameters())
     # The reference's "backbone (incl. submodules)": MLP + output Linear + clip_proj + low-level
-    # submodule; it also has a 24-parameter token-mixing half over seq_len=1 that we omit.
+    # submodule; the working blocks leave out its 24-parameter token-mixing half over seq_len=1.
     backbone_incl = counts["backbone"] - ridge + counts["projector"] + counts["lowlevel"]
     assert ridge == 64_409_600
     assert backbone_incl == 1_903_020_028 - 24
-    assert abs(counts["prior"] - 259_865_216) / 259_865_216 < 0.01 and counts["prior"] == 259_865_216 - 16
-    assert abs(counts["total"] - 2_227_294_844) / 2_227_294_844 < 0.01
+    assert counts["prior"] == 259_865_216 - 16  # the reference stores 16 rotary frequencies
     assert model.backbone.to_tokens.weight.numel() + model.backbone.to_tokens.bias.numel() == 1_745_256_448
+    # backbone_blocks=released has the release's parameters exactly (all but the rotary 16).
+    released = component_parameters(meta_model("mindeye2", backbone_blocks="released"))
+    assert released["backbone"] - ridge + released["projector"] + released["lowlevel"] == 1_903_020_028
+    assert released["total"] == 2_227_294_844 - 16
     # The digest's h=1024, no-low-level configuration: 729,327,896 (less the same 24 + 16).
     small = component_parameters(meta_model("mindeye2", hidden_dim=1024, lowlevel=False))
     assert small["total"] == 729_327_896 - 40
     multi = meta_model("mindeye2-multisubject")
     assert len(multi.backbone.adapters.linears) == 7 and multi.config.subject_names()[0] == "subj02"
     assert abs(component_parameters(multi)["total"] - 2.58e9) / 2.58e9 < 0.01
+
+
+def released_mindeye2(seed: int = 0) -> MindEye:
+    torch.manual_seed(seed)
+    model = build_model(shrunk("mindeye2", backbone_blocks="released", lowlevel=False, prior=False))
+    with torch.no_grad():  # move LayerNorm gains/biases off their init so a misplaced one shows
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_released_mindeye2_backbone_is_affine_by_hand():
+    """MindEye2's released blocks: LayerNorm over a length-1 axis outputs its bias, so each token
+    mixer adds a constant c_k = w2 * gelu(w1 * beta_k + b1) + b2 and the MLP blocks drop out."""
+    model = released_mindeye2()
+    bb = model.backbone
+    voxels = torch.randn(4, 20)
+    adapter = bb.adapters.linears["subj01"]
+    hidden = voxels @ adapter.weight.T + adapter.bias
+    for mixer in bb.token_mixers:
+        beta, w1, b1, w2, b2 = (t.item() for t in (mixer[0].bias, mixer[1].weight, mixer[1].bias, mixer[4].weight,
+                                                    mixer[4].bias))
+        hidden = hidden + (w2 * (0.5 * (w1 * beta + b1) * (1 + math.erf((w1 * beta + b1) / math.sqrt(2)))) + b2)
+    tokens = (hidden @ bb.to_tokens.weight.T + bb.to_tokens.bias).reshape(4, 3, 16)
+    torch.testing.assert_close(model(voxels).backbone, tokens)
+    a, b = torch.randn(2, 20), torch.randn(2, 20)
+    f = lambda v: model(v).backbone  # noqa: E731
+    torch.testing.assert_close(f(0.3 * a + 0.7 * b), 0.3 * f(a) + 0.7 * f(b), rtol=1e-5, atol=1e-5)
+
+
+def test_released_blocks_do_not_matter_and_get_zero_gradients():
+    model = released_mindeye2()
+    voxels = torch.randn(4, 20)
+    before = model(voxels).backbone
+    with torch.no_grad():
+        for block in model.backbone.blocks:
+            for p in block.parameters():
+                p.normal_()
+    assert torch.equal(model(voxels).backbone, before)
+    model.train()
+    model(voxels).backbone.square().sum().backward()
+    # Mathematically zero; numerically LayerNorm's backward over one element leaves rounding
+    # (times 1/sqrt(eps)), as in the reference. The blocks get gradients, not None (ZeRO/DDP-safe).
+    scale = float(model.backbone.to_tokens.weight.grad.abs().max())
+    assert scale > 0
+    for name, p in model.backbone.blocks.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().max()) < 1e-4 * scale, name
+    # The working default uses its blocks.
+    working = build_model(shrunk("mindeye2", lowlevel=False, prior=False)).eval()
+    out = working(voxels).backbone
+    with torch.no_grad():
+        working.backbone.blocks[0][1].weight.mul_(2)
+    assert not torch.allclose(working(voxels).backbone, out)
+
+
+def test_released_parameter_names_and_shapes():
+    model = released_mindeye2()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".token_mixers." in k or ".blocks." in k}
+    h = 32
+    for k in range(2):
+        assert shapes[f"backbone.token_mixers.{k}.0.weight"] == (1,) == shapes[f"backbone.token_mixers.{k}.0.bias"]
+        for i in (1, 4):
+            assert shapes[f"backbone.token_mixers.{k}.{i}.weight"] == (1, 1)
+            assert shapes[f"backbone.token_mixers.{k}.{i}.bias"] == (1,)
+        assert shapes[f"backbone.blocks.{k}.0.weight"] == (h,)  # LN(h), then Linear, GELU, Dropout, Linear
+        assert shapes[f"backbone.blocks.{k}.1.weight"] == (h, h) == shapes[f"backbone.blocks.{k}.4.weight"]
+    assert len(shapes) == 2 * (6 + 6)  # per block: 3 x (weight, bias) in each half
+
+
+def test_backbone_blocks_option_is_checked():
+    with pytest.raises(ConfigError, match="backbone_blocks"):
+        ModelConfig(preset="mindeye2", backbone_blocks="paper")
+    with pytest.raises(ConfigError, match="backbone_blocks.*arch=mindeye1"):
+        build_model(shrunk("mindeye1", backbone_blocks="released"))
+    assert build_model(shrunk("mindeye2")).config.backbone_blocks == "working"
 
 
 def test_scale_family_spans_10m_to_5b():

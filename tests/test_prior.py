@@ -1,5 +1,6 @@
 """Diffusion prior: schedule, loss wiring, classifier-free-guidance dropout, deterministic sampling,
-and the attention pieces (rotary, relative position buckets)."""
+and the attention pieces (rotary, relative position buckets), against hand-derived values.
+``tests/test_prior_dalle2.py`` compares the same pieces with DALLE2-pytorch itself."""
 
 from __future__ import annotations
 
@@ -9,9 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mindeye_dist.models.prior import DiffusionPrior, PriorNetwork, RelativePositionBias, rotate
+from mindeye_dist.models.prior import (DiffusionPrior, PriorNetwork, RelativePositionBias, dalle2_ddim_timesteps,
+                                       rotate, schedule_tables)
 
 T, D = 3, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_prior(cond_drop_prob: float = 0.2, target_scale: float = 1.0, seed: int = 0) -> DiffusionPrior:
@@ -25,11 +36,26 @@ def gen(seed: int) -> torch.Generator:
 
 
 def test_schedule_is_the_improved_ddpm_cosine():
-    prior = make_prior()
     alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    betas = torch.tensor([min(1 - alpha_bar((i + 1) / 100) / alpha_bar(i / 100), 0.999) for i in range(100)])
-    torch.testing.assert_close(prior.scheduler.betas, betas.float())
-    assert prior.scheduler.config.prediction_type == "sample" and prior.scheduler.config.num_train_timesteps == 100
+    betas = [min(1 - alpha_bar((i + 1) / 100) / alpha_bar(i / 100), 0.999) for i in range(100)]
+    tables = schedule_tables(100)
+    torch.testing.assert_close(tables["betas"], torch.tensor(betas, dtype=torch.float64).float(), rtol=0, atol=0)
+    # diffusers' name for it, same betas (diffusers keeps fp32 tables; ours are float64-built).
+    from diffusers import DDPMScheduler
+    torch.testing.assert_close(tables["betas"], DDPMScheduler(100, beta_schedule="squaredcos_cap_v2").betas)
+    cumprod = 1.0
+    for i, beta in enumerate(betas):
+        cumprod *= 1 - beta
+        assert tables["alphas_cumprod"][i].item() == pytest.approx(cumprod, rel=1e-6)
+    assert betas[-1] == 0.999 and tables["alphas_cumprod_prev"][0] == 1.0
+
+
+def test_ddim_timesteps_are_dalle2s_linspace():
+    # int(linspace(-1, 100, 21)[:-1]) = -1, 4.05 -> 4, 9.1 -> 9, ..., 94.95 -> 94; reversed, paired.
+    pairs = dalle2_ddim_timesteps(100, 20)
+    assert pairs[0] == (94, 89) and pairs[-1] == (4, -1) and len(pairs) == 19
+    assert all(t - n == 5 for t, n in pairs)
+    assert dalle2_ddim_timesteps(100, 3) == [(66, 32), (32, -1)]  # -1, 32.67, 66.33
 
 
 def test_loss_is_mse_on_scaled_targets_and_prediction_is_unscaled():
@@ -80,6 +106,8 @@ def test_sampling_steps_guidance_and_scale():
     assert not torch.allclose(plain, guided)
     with pytest.raises(ValueError, match="sampler"):
         prior.sample(brain, sampler="euler")
+    with pytest.raises(ValueError, match="sampler='ddim' for fewer"):
+        prior.sample(brain, sampler="ddpm", steps=10)
 
 
 def test_a_few_steps_fit_one_batch():
@@ -108,14 +136,22 @@ def test_rotary_depends_only_on_relative_position():
     torch.testing.assert_close(rotate(q, 8)[..., 8:], q[..., 8:])  # only the first rot_dim features turn
 
 
-def test_relative_position_buckets_are_bidirectional_and_saturate():
+def test_relative_position_buckets_are_one_directional_with_the_null_key_first():
     bias = RelativePositionBias(heads=2, num_buckets=32, max_distance=128)
-    rel = torch.tensor([-1000, -128, -5, -1, 0, 1, 5, 128, 1000])
-    buckets = bias._bucket(rel)
-    assert buckets.min() >= 0 and buckets.max() < 32
-    assert buckets[4] == 0 and buckets[5] != buckets[3]  # +1 and -1 differ
-    assert buckets[0] == buckets[1] and buckets[-1] == buckets[-2]  # saturate past max distance
-    assert bias(5, 6, torch.device("cpu")).shape == (2, 5, 6)
+    # Below 16: one bucket each. Then 16 + floor(16 * log(d / 16) / log(8)): d=32 -> 16 + floor(5.33)
+    # = 21, d=64 -> 26, d=127 -> 16 + floor(15.94) = 31; 128 and beyond clamp to 31.
+    distance = torch.tensor([0, 1, 15, 16, 32, 64, 127, 128, 1000])
+    assert bias._bucket(distance).tolist() == [0, 1, 15, 16, 21, 26, 31, 31, 31]
+    with torch.no_grad():
+        bias.embedding.weight.copy_(torch.arange(32.0)[:, None].expand(32, 2))  # bias value = bucket id
+    table = bias(4, 5, torch.device("cpu"))[0]  # 4 queries, keys: null key, then tokens 0..3
+    # Query i vs key j: max(i - j, 0). The null key (j=0) is at distance i; query i's own token
+    # (j=i+1) and every later token at 0; token m < i at i - m - 1.
+    expected = torch.tensor([[0, 0, 0, 0, 0],
+                             [1, 0, 0, 0, 0],
+                             [2, 1, 0, 0, 0],
+                             [3, 2, 1, 0, 0]], dtype=torch.float32)
+    assert torch.equal(table, expected)
 
 
 def test_forward_is_the_loss():

@@ -14,9 +14,17 @@ MindEye2 ``RidgeRegression`` + ``BrainNetwork``::
     n_blocks x  x + [LN -> Linear(h -> h) -> GELU -> Dropout(0.15) -> Linear(h -> h)]
     Linear(h -> n_tokens * token_dim)                                  # ``backbone_linear``
 
-MindEye2's blocks also have a token-mixing half over ``seq_len=1`` (LN(1), Linear(1, 1) x 2:
-6 parameters per block, 24 in all); it is the identity up to an affine map of one scalar
-per feature and is left out here.
+MindEye2's released ``BrainNetwork`` (MedARC-AI/MindEyeV2 ``src/models.py``) also has a
+token-mixing half per block over ``seq_len=1``: LN(1) -> Linear(1, 1) -> GELU -> Dropout ->
+Linear(1, 1), 6 parameters each. A LayerNorm over one element outputs its bias whatever the
+input, and the released forward adds that half's output to the *previous* token-mixing output,
+so the residual MLP blocks' outputs are discarded and voxels -> tokens is affine.
+``model.backbone_blocks`` picks:
+
+* ``working`` (default): the residual blocks above do their job (the paper's description), and
+  the token-mixing half is left out (24 parameters fewer than the release);
+* ``released``: the released computation exactly, with its parameters (``token_mixers``), so
+  MindEye2's checkpoints load and compute what they computed (:meth:`Backbone._released_hidden`).
 """
 
 from __future__ import annotations
@@ -39,6 +47,12 @@ def _block(cfg: ModelConfig) -> nn.Module:
                     nn.Linear(h, h))
 
 
+def _token_mixer(cfg: ModelConfig) -> nn.Sequential:
+    """MindEye2's ``mixer_blocks2`` entry over ``seq_len=1``: LN(1) -> Linear(1,1) -> act -> Dropout -> Linear(1,1)."""
+    return nn.Sequential(nn.LayerNorm(1), nn.Linear(1, 1), make_activation(cfg.activation), nn.Dropout(cfg.dropout),
+                         nn.Linear(1, 1))
+
+
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -51,11 +65,37 @@ class Backbone(nn.Module):
         else:
             self.stem = nn.Dropout(cfg.input_dropout) if cfg.input_dropout > 0 else nn.Identity()
         self.blocks = nn.Sequential(*[_block(cfg) for _ in range(cfg.n_blocks)])
+        self.released = cfg.backbone_blocks == "released"
+        if self.released:
+            self.token_mixers = nn.ModuleList(_token_mixer(cfg) for _ in range(cfg.n_blocks))
         self.to_tokens = nn.Linear(h, cfg.out_dim())
 
     def hidden(self, voxels: torch.Tensor, subject: SubjectIds = None) -> torch.Tensor:
         """(B, max_voxels) -> (B, h): the shared hidden state before the output Linear."""
-        return self.blocks(self.stem(self.adapters(voxels, subject)))
+        x = self.stem(self.adapters(voxels, subject))
+        return self._released_hidden(x) if self.released else self.blocks(x)
+
+    def _released_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """MindEye2's released ``BrainNetwork.forward`` mixer loop, with its single token squeezed::
+
+            skip_mlp = skip_mixer = x
+            for block, mixer:
+                x = block.body(x) + skip_mlp;        skip_mlp = x     # mixer_blocks1: LN(h) -> MLP
+                x = mixer(x as (B, h, 1)) + skip_mixer; skip_mixer = x  # mixer_blocks2 over length 1
+
+        ``mixer`` starts with LayerNorm over a length-1 axis, which outputs its bias, so its output
+        is a per-block constant (elementwise-dropped in training) and x_out = x_in + sum of those.
+        The MLP blocks still run, as in the reference: their output is discarded and their
+        parameters get zero gradients (LayerNorm's backward over one element is zero up to
+        rounding), so optimizers and ZeRO treat them as the reference's training did.
+        """
+        skip_mlp = skip_mixer = x
+        for block, mixer in zip(self.blocks, self.token_mixers):
+            x = block.body(x) + skip_mlp
+            skip_mlp = x
+            x = mixer(rearrange(x, "b h -> b h 1"))[..., 0] + skip_mixer  # (B, h, 1) -> (B, h)
+            skip_mixer = x
+        return x
 
     def tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, h) -> (B, n_tokens, token_dim)."""

@@ -21,6 +21,7 @@ from mindeye_dist.models.presets import DEFAULT_SUBJECT, PRESETS
 ARCHS = ("mindeye1", "mindeye2")
 NORMS = ("layernorm", "batchnorm", "none")
 ACTIVATIONS = ("gelu", "silu", "relu")
+BACKBONE_BLOCKS = ("working", "released")
 
 
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -39,6 +40,10 @@ class ModelConfig:
     """Backbone width; null = preset's."""
     n_blocks: Optional[int] = None
     """Residual blocks in the backbone; null = preset's."""
+    backbone_blocks: Optional[Literal["working", "released"]] = None
+    """MindEye2 backbone blocks: "working" residual MLP blocks (the paper's description; the
+    default) or "released" = MindEye2's released code, whose blocks drop out (voxels -> tokens is
+    affine) and which loads its checkpoints; null = preset's."""
     n_voxels: Optional[int] = None
     """Input voxels (single subject); null = from the dataset's meta.json."""
     n_tokens: Optional[int] = None
@@ -100,6 +105,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.preset in PRESETS, "preset", self.preset, "one of " + ", ".join(PRESETS))
+        _check(self.backbone_blocks is None or self.backbone_blocks in BACKBONE_BLOCKS, "backbone_blocks",
+               self.backbone_blocks, "null, working or released")
         if self.lowlevel_shape is not None:
             self.lowlevel_shape = [int(v) for v in self.lowlevel_shape]
         if self.lowlevel_channels is not None:

@@ -27,5 +27,9 @@ def make_activation(kind: str) -> nn.Module:
 class Residual(nn.Sequential):
     """``x + layers(x)``: the residual block of both MindEye backbones."""
 
+    def body(self, x):
+        """``layers(x)`` without the skip connection."""
+        return super().forward(x)
+
     def forward(self, x):
-        return x + super().forward(x)
+        return x + self.body(x)

@@ -1,21 +1,37 @@
 """Diffusion prior: brain tokens -> samples of the CLIP image-token distribution.
 
 A small network (:class:`PriorNetwork`) plus a wrapper (:class:`DiffusionPrior`) that owns the
-noise schedule, the x0-prediction MSE loss and sampling (STYLE #8). The schedule and the
-sampling steps are diffusers' (``DDPMScheduler``, ``DDIMScheduler``).
+noise schedule, the x0-prediction MSE loss and sampling (STYLE #8).
 
-The network follows MindEye's ``VersatileDiffusionPriorNetwork`` on top of DALLE2-pytorch's
-prior transformer (digest section 2.2), written from that description:
+The network computes what MindEye's prior computes: MindEye1's ``VersatileDiffusionPriorNetwork``
+/ MindEye2's ``PriorNetwork`` over ``FlaggedCausalTransformer(causal=False)``, built from
+DALLE2-pytorch 1.14.2 components (``SinusoidalPosEmb``, ``MLP``, ``RelPosBias``, ``Attention``,
+``FeedForward``, ``LayerNorm``, rotary-embedding-torch 0.2.3's ``RotaryEmbedding``).
+``tests/test_prior_dalle2.py`` loads identical weights into that reference and this network and
+compares outputs, gradients, the loss and both samplers. Written from the reference's behaviour:
 
-* sequence ``[brain tokens (T) | time token (1) | noisy image tokens (T) + learned queries]``,
+* sequence ``[brain tokens (T) | time token (1) | noisy image tokens (T) + learned pos_emb]``,
   non-causal; the last T outputs are the x0 prediction;
 * classifier-free guidance: with probability p each, the brain tokens are replaced by learned
-  ``null_brain_embeds`` and the noisy image tokens by learned ``null_image_embed``;
-* attention: multi-query (one shared K/V head), cosine-similarity logits with scale 16, a
-  learned null K/V in front, rotary embedding on the first 32 dims of q/k, T5 relative
-  position bias (32 buckets, max distance 128); output Linear then LayerNorm;
+  ``null_brain_embeds`` and the noisy image tokens by learned ``null_image_embed`` (a sample is
+  kept when ``u < 1 - p`` for a uniform u, DALLE2's ``prob_mask_like``);
+* attention: multi-query (one shared K/V head), rotary embedding on the first min(32, dim_head)
+  features of q and k (interleaved pairs, positions 0..n-1, the null key is not rotated), a
+  learned null K/V in front, cosine-similarity logits with scale 16, DALLE2's one-directional
+  T5 relative-position bias (see :class:`RelativePositionBias`); output Linear then LayerNorm;
 * feed-forward: LN -> Linear(dim -> 2 * mult * dim) -> SwiGLU -> Linear(mult * dim -> dim), no biases;
-* DALLE2 LayerNorms have a gain and no bias; the final one is the "stable" variant.
+* DALLE2 LayerNorms have a gain and no bias, eps 1e-5 in fp32 and 1e-3 in lower precision; the
+  final one is the "stable" variant (divides by the row max first);
+* time: sinusoidal features of the continuous timestep -> MLP dim -> 2dim -> 2dim -> dim (SiLU).
+
+The wrapper trains on DALLE2's cosine schedule and samples with DALLE2's DDPM and DDIM loops.
+Its schedule tables and both sampling loops are computed here rather than by diffusers'
+schedulers, for reasons given where they are (:func:`schedule_tables`, :meth:`DiffusionPrior._sample_ddim`).
+
+Deliberate differences, none of which changes an fp32 result: the sinusoidal time features are
+computed in fp32 and the time MLP runs in the model's dtype (DALLE2 computes the features in the
+input dtype and the MLP in fp32, which fails with bf16 weights), and attention is
+``scaled_dot_product_attention``.
 
 Parameter count (MindEye1: dim 768, depth 6, 12 heads x 64, 257 tokens) = 56,055,168:
 
@@ -28,8 +44,9 @@ Parameter count (MindEye1: dim 768, depth 6, 12 heads x 64, 257 tokens) = 56,055
     final LN 768 + Linear 768x768                               590,592
 
 The reference's 56,055,184 has 16 more: rotary-embedding-torch stores its 16 inverse
-frequencies as a (frozen) ``nn.Parameter``; here they are computed on the fly. The same
-breakdown gives 259,865,200 for MindEye2 (reference 259,865,216).
+frequencies as a frozen ``nn.Parameter``; here they are computed on the fly
+(:func:`rotary_inverse_frequencies`). The same breakdown gives 259,865,200 for MindEye2
+(reference 259,865,216).
 """
 
 from __future__ import annotations
@@ -39,18 +56,23 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
 from einops import rearrange
 from torch import nn
 
 ROTARY_DIM = 32  # DALLE2: RotaryEmbedding(dim=min(32, dim_head))
+ROTARY_THETA = 10000.0
 REL_POS_BUCKETS = 32
 REL_POS_MAX_DISTANCE = 128
 COSINE_SIM_SCALE = 16.0  # DALLE2's cosine_sim_scale for the prior's attention
+LOW_PRECISION_LN_EPS = 1e-3  # DALLE2 LayerNorm's fp16_eps, used for every non-fp32 input
 
 
 def _rand(shape, generator: Optional[torch.Generator], device: torch.device, kind: str = "rand", high: int = 0):
-    """Random draws from ``generator`` (on its own device) moved to ``device``; meta-safe."""
+    """Random draws from ``generator`` (on its own device) moved to ``device``; meta-safe.
+
+    With a CPU generator seeded like torch's global one, the draws equal DALLE2's
+    (``torch.rand``/``uniform_``, ``randn``/``randn_like`` and ``randint`` share one stream).
+    """
     where = generator.device if generator is not None else device
     if kind == "randn":
         out = torch.randn(shape, generator=generator, device=where)
@@ -62,7 +84,10 @@ def _rand(shape, generator: Optional[torch.Generator], device: torch.device, kin
 
 
 class LayerNorm(nn.Module):
-    """Gain-only LayerNorm; ``stable`` divides by the row max first (DALLE2, for fp16 safety)."""
+    """Gain-only LayerNorm; ``stable`` divides by the row max first (DALLE2, for fp16 safety).
+
+    eps is 1e-5 for fp32 inputs and 1e-3 otherwise, as DALLE2's ``LayerNorm(fp16_eps=1e-3)``.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5, stable: bool = False):
         super().__init__()
@@ -70,9 +95,10 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if x.dtype == torch.float32 else LOW_PRECISION_LN_EPS
         if self.stable:
             x = x / x.amax(dim=-1, keepdim=True).detach()
-        return F.layer_norm(x, x.shape[-1:], self.weight, None, self.eps)
+        return F.layer_norm(x, x.shape[-1:], self.weight, None, eps)
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -89,13 +115,18 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def rotary_inverse_frequencies(rot_dim: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(rot_dim / 2,) inverse frequencies theta^(-2i/rot_dim): rotary-embedding-torch's ``freqs``."""
+    return 1.0 / (ROTARY_THETA ** (torch.arange(0, rot_dim, 2, device=device)[: rot_dim // 2].float() / rot_dim))
+
+
 def rotate(x: torch.Tensor, rot_dim: int) -> torch.Tensor:
     """Rotary position embedding on the first ``rot_dim`` features, interleaved pairs, theta 10^4.
 
     x: (..., n, d) with positions 0..n-1 along dim -2.
     """
     n = x.shape[-2]
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, device=x.device, dtype=torch.float32) / rot_dim))
+    inv_freq = rotary_inverse_frequencies(rot_dim, x.device)
     angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (n, rot/2)
     angles = angles.repeat_interleave(2, dim=-1)  # (n, rot): each angle for one (even, odd) pair
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -106,10 +137,15 @@ def rotate(x: torch.Tensor, rot_dim: int) -> torch.Tensor:
 
 
 class RelativePositionBias(nn.Module):
-    """T5-style learned bias per head and log-spaced distance bucket.
+    """DALLE2's ``RelPosBias``: a learned bias per head and T5-style log-spaced distance bucket.
 
-    Bidirectional buckets (half per direction) because the prior is non-causal; DALLE2's
-    version clamps every key after the query into bucket 0, which only matters for causal use.
+    One-directional, as in DALLE2-pytorch 1.14.2: the distance from query i to key j is
+    ``max(i - j, 0)``, so every key at or after the query shares bucket 0 (DALLE2 wrote it for its
+    causal prior; MindEye runs it non-causally and keeps it). Queries are numbered 0..n-1 and keys
+    0..n with key 0 the null key, so token m's key sits at j = m + 1: query i sees its own token
+    and every later one at distance 0 and token m < i at distance i - m - 1.
+    Distances below 16 get their own bucket; 16..127 share 16 log-spaced buckets; 128 and more
+    fall in the last one.
     """
 
     def __init__(self, heads: int, num_buckets: int = REL_POS_BUCKETS, max_distance: int = REL_POS_MAX_DISTANCE):
@@ -117,21 +153,20 @@ class RelativePositionBias(nn.Module):
         self.num_buckets, self.max_distance = num_buckets, max_distance
         self.embedding = nn.Embedding(num_buckets, heads)
 
-    def _bucket(self, relative: torch.Tensor) -> torch.Tensor:
-        per_side = self.num_buckets // 2
-        side = (relative > 0).long() * per_side
-        distance = relative.abs()
-        exact = per_side // 2
+    def _bucket(self, distance: torch.Tensor) -> torch.Tensor:
+        """(...) long distances >= 0 -> bucket ids, with DALLE2's float32 arithmetic and truncation."""
+        exact = self.num_buckets // 2
+        # clamp(min=1): log(0) would be -inf; those distances take the exact branch anyway.
         scaled = torch.log(distance.clamp(min=1).float() / exact) / math.log(self.max_distance / exact)
-        far = (exact + (scaled * (per_side - exact)).long()).clamp(max=per_side - 1)
-        return side + torch.where(distance < exact, distance, far)
+        far = (exact + (scaled * (self.num_buckets - exact)).long()).clamp(max=self.num_buckets - 1)
+        return torch.where(distance < exact, distance, far)
 
     def forward(self, n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
-        """(heads, n_queries, n_keys); queries sit at key positions n_keys-n_queries .. n_keys-1."""
-        q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)
+        """(heads, n_queries, n_keys) bias; DALLE2 calls it with (n, n + 1) for the null key."""
+        q_pos = torch.arange(n_queries, device=device)
         k_pos = torch.arange(n_keys, device=device)
-        buckets = self._bucket(k_pos[None, :] - q_pos[:, None])
-        return rearrange(self.embedding(buckets), "i j h -> h i j")
+        distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0)  # (n_queries, n_keys)
+        return rearrange(self.embedding(self._bucket(distance)), "i j h -> h i j")
 
 
 class Attention(nn.Module):
@@ -214,12 +249,16 @@ class PriorNetwork(nn.Module):
 
     @staticmethod
     def _keep(batch: int, drop_prob: float, generator, device) -> torch.Tensor:
-        """(B, 1, 1) bool: True keeps the input, False swaps in the null embedding."""
+        """(B, 1, 1) bool: True keeps the input, False swaps in the null embedding.
+
+        ``u < 1 - p`` for a uniform draw u, with no draw at p = 0 or 1 (DALLE2's
+        ``prob_mask_like(shape, 1 - p)``), so a seeded generator drops the samples DALLE2 drops.
+        """
         if drop_prob <= 0:
             return torch.ones(batch, 1, 1, dtype=torch.bool, device=device)
         if drop_prob >= 1:
             return torch.zeros(batch, 1, 1, dtype=torch.bool, device=device)
-        return (_rand((batch,), generator, device) >= drop_prob).view(batch, 1, 1)
+        return (_rand((batch,), generator, device) < 1 - drop_prob).view(batch, 1, 1)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, brain: torch.Tensor,
                 brain_drop_prob: float = 0.0, image_drop_prob: float = 0.0,
@@ -236,6 +275,49 @@ class PriorNetwork(nn.Module):
         return self.transformer(tokens)[:, -self.n_tokens:]  # (B, T, D)
 
 
+def dalle2_ddim_timesteps(num_train_timesteps: int, steps: int) -> list[tuple[int, int]]:
+    """(t, t_next) pairs of DALLE2's DDIM loop: ``int(linspace(-1, T, steps + 1)[:-1])`` reversed.
+
+    For T = 100 and 20 steps: (94, 89), (89, 84), ..., (4, -1), i.e. 19 network calls, the last
+    one returning its x0 prediction as the sample. No diffusers ``timestep_spacing`` gives this
+    sequence (``trailing`` starts at 99 and makes 20 calls).
+    """
+    times = torch.linspace(-1.0, num_train_timesteps, steps=steps + 1)[:-1].int().tolist()
+    times = times[::-1]
+    return list(zip(times[:-1], times[1:]))
+
+
+def schedule_tables(timesteps: int) -> dict[str, torch.Tensor]:
+    """DALLE2's ``NoiseScheduler`` tables for the cosine schedule: float64 arithmetic, fp32 CPU tensors.
+
+    The improved-DDPM cosine schedule (s = 0.008, betas capped at 0.999), diffusers'
+    ``squaredcos_cap_v2`` (``tests/test_prior.py`` checks the betas against diffusers'). The
+    tables are built here because diffusers keeps them in fp32 and its ``DDPMScheduler.step``
+    forms ``1 - abar_t / abar_{t-1}`` and ``1 - abar_{t-1}`` in fp32: at t = 1 that cancels to a
+    1e-3 relative error of the posterior, and at t = 99 (beta = 0.999) rounding beta before
+    ``1 - beta`` costs 6e-5 of alpha. DALLE2 computes every table in float64 and casts last;
+    these equal its buffers bit for bit (``tests/test_prior_dalle2.py``).
+    """
+    x = torch.arange(timesteps + 1, dtype=torch.float64, device="cpu") / timesteps
+    f = torch.cos((x + 0.008) / 1.008 * math.pi / 2) ** 2
+    f = f / f[0]
+    betas = (1 - f[1:] / f[:-1]).clamp(0, 0.999)
+    abar = torch.cumprod(1 - betas, dim=0)
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    posterior_variance = betas * (1 - abar_prev) / (1 - abar)
+    tables = {
+        "betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": abar_prev,
+        "sqrt_alphas_cumprod": abar.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - abar).log(), "sqrt_recip_alphas_cumprod": (1 / abar).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / abar - 1).sqrt(), "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * abar_prev.sqrt() / (1 - abar),
+        "posterior_mean_coef2": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
+        "p2_loss_weight": torch.ones_like(betas),  # DALLE2's p2 reweighting, off (gamma 0) in MindEye
+    }
+    return {name: table.float() for name, table in tables.items()}
+
+
 class DiffusionPrior(nn.Module):
     """Owns the cosine noise schedule, the x0-prediction MSE loss and DDPM/DDIM sampling."""
 
@@ -245,26 +327,28 @@ class DiffusionPrior(nn.Module):
         self.net = net
         self.cond_drop_prob = cond_drop_prob
         self.target_scale = target_scale
-        # squaredcos_cap_v2 = the improved-DDPM cosine schedule (s = 0.008, betas capped at 0.999)
-        # that DALLE2 uses; "sample" = the network predicts x0 (DALLE2's predict_x_start=True).
-        self.scheduler = DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2",
-                                       prediction_type="sample", clip_sample=False)
+        self.timesteps = timesteps
+        # CPU fp32 tables, not buffers: derived from `timesteps`, not state; moved on use (meta-safe).
+        self.tables = schedule_tables(timesteps)
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        return self.tables[name].to(device)
 
     def loss(self, brain_tokens: torch.Tensor, target_tokens: torch.Tensor,
              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MSE between predicted and true (scaled) clean tokens at a uniform random timestep.
 
         Returns (loss, prediction) with the prediction divided back by the target scale.
-        Both inputs are dropped to their null embeddings with ``cond_drop_prob`` each.
+        Both inputs are dropped to their null embeddings with ``cond_drop_prob`` each. The draws
+        (timesteps, noise, brain mask, image mask) come in DALLE2's order.
         """
         x0 = target_tokens * self.target_scale
         b, device = x0.shape[0], x0.device
-        t = _rand((b,), generator, device, "randint", high=self.scheduler.config.num_train_timesteps)
+        t = _rand((b,), generator, device, "randint", high=self.timesteps)
         noise = _rand(x0.shape, generator, device, "randn").to(x0.dtype)
-        # The scheduler's add_noise moves its own table to the input's device (breaks after a meta
-        # call), so the same formula is applied here to a copy of its alphas_cumprod.
-        alpha_bar = self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)[t].view(b, 1, 1)
-        noisy = (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise).to(x0.dtype)
+        signal = self._table("sqrt_alphas_cumprod", device)[t].view(b, 1, 1)
+        noise_scale = self._table("sqrt_one_minus_alphas_cumprod", device)[t].view(b, 1, 1)
+        noisy = (signal * x0 + noise_scale * noise).to(x0.dtype)  # q(x_t | x_0)
         prediction = self.net(noisy, t, brain_tokens, self.cond_drop_prob, self.cond_drop_prob, generator)
         return F.mse_loss(prediction, x0), prediction / self.target_scale
 
@@ -273,8 +357,8 @@ class DiffusionPrior(nn.Module):
         """Same as :meth:`loss`; a forward call lets ZeRO-3 hooks gather the prior's parameters."""
         return self.loss(brain_tokens, target_tokens, generator)
 
-    def _guided(self, noisy, t, brain, cond_scale: float) -> torch.Tensor:
-        timesteps = t.expand(noisy.shape[0]).to(noisy.device)
+    def _guided(self, noisy, t: int, brain, cond_scale: float) -> torch.Tensor:
+        timesteps = torch.full((noisy.shape[0],), t, device=noisy.device, dtype=torch.long)
         cond = self.net(noisy, timesteps, brain)
         if cond_scale == 1.0:
             return cond
@@ -287,24 +371,66 @@ class DiffusionPrior(nn.Module):
                cond_scale: float = 1.0, eta: float = 1.0) -> torch.Tensor:
         """Sample clean tokens (unscaled) for brain tokens (B, T, D).
 
-        ``ddpm``: ancestral sampling, default all training timesteps (MindEye1: 100).
-        ``ddim``: default 20 steps with eta 1 (DALLE2's default; MindEye2's inference), trailing
-        timestep spacing so sampling starts at the last training step as DALLE2's linspace does.
-        Deterministic for a given ``generator`` state.
+        ``ddpm``: DALLE2's ``p_sample_loop_ddpm`` over all training timesteps (MindEye1: 100).
+        ``ddim``: DALLE2's ``p_sample_loop_ddim``, default 20 steps with eta 1 (MindEye2's
+        inference: ``p_sample_loop(timesteps=20)``); see :meth:`_sample_ddim`.
+        Deterministic for a given ``generator`` state; with a CPU generator seeded like torch's
+        global RNG the noise equals DALLE2's draw for draw.
         """
-        if sampler == "ddpm":
-            scheduler = DDPMScheduler.from_config(self.scheduler.config)
-            steps = steps or self.scheduler.config.num_train_timesteps
-            step_kwargs = {}
-        elif sampler == "ddim":
-            scheduler = DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
-            steps = steps or 20
-            step_kwargs = {"eta": eta}
-        else:
+        if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler={sampler!r} is invalid: expected 'ddpm' or 'ddim'")
-        scheduler.set_timesteps(steps)
+        if sampler == "ddpm" and steps not in (None, self.timesteps):
+            raise ValueError(f"sampler='ddpm' runs all {self.timesteps} training timesteps (steps={steps} given); "
+                             "use sampler='ddim' for fewer, as DALLE2's p_sample_loop does")
         x = _rand(brain_tokens.shape, generator, brain_tokens.device, "randn").to(brain_tokens.dtype)
-        for t in scheduler.timesteps:
-            prediction = self._guided(x, t, brain_tokens, cond_scale)
-            x = scheduler.step(prediction, t, x, generator=generator, **step_kwargs).prev_sample
+        if sampler == "ddim":
+            x = self._sample_ddim(x, brain_tokens, steps or 20, generator, cond_scale, eta)
+        else:
+            x = self._sample_ddpm(x, brain_tokens, generator, cond_scale)
         return x / self.target_scale
+
+    def _sample_ddpm(self, x: torch.Tensor, brain: torch.Tensor, generator, cond_scale: float) -> torch.Tensor:
+        """DALLE2's ancestral loop (``p_sample``), on the float64-built tables (see :func:`schedule_tables`)::
+
+            x_{t-1} = c1[t] x0 + c2[t] x_t + [t > 0] exp(log_var[t] / 2) * noise
+
+        One noise draw per step, also at t = 0 where it is unused, as DALLE2 (and MindEye1's
+        generator-seeded copy of it) draws.
+        """
+        c1, c2 = self._table("posterior_mean_coef1", x.device), self._table("posterior_mean_coef2", x.device)
+        std = (0.5 * self._table("posterior_log_variance_clipped", x.device)).exp()
+        for t in reversed(range(self.timesteps)):
+            x0 = self._guided(x, t, brain, cond_scale)
+            noise = _rand(x.shape, generator, x.device, "randn").to(x.dtype)
+            x = c1[t] * x0 + c2[t] * x + (std[t] * noise if t > 0 else 0.0)
+        return x
+
+    def _sample_ddim(self, x: torch.Tensor, brain: torch.Tensor, steps: int, generator, cond_scale: float,
+                     eta: float) -> torch.Tensor:
+        """DALLE2 1.14.2's DDIM loop; diffusers' DDIMScheduler cannot express it.
+
+        Besides its timestep sequence (:func:`dalle2_ddim_timesteps`), DALLE2 takes the DDIM
+        alphas from ``alphas_cumprod_prev`` (one step earlier than the timestep it conditions the
+        network on), while the noise estimate uses ``alphas_cumprod`` at t:
+
+            eps    = (x_t / sqrt(abar_t) - x0) / sqrt(1 / abar_t - 1)
+            a, a'  = abar_prev[t], abar_prev[t_next]
+            c1     = eta * sqrt((1 - a / a') * (1 - a') / (1 - a));  c2 = sqrt(1 - a' - c1^2)
+            x_next = sqrt(a') x0 + c1 * noise + c2 * eps   (noise only when t_next > 0;
+                                                            t_next = -1 returns x0)
+        """
+        abar_prev = self._table("alphas_cumprod_prev", x.device)
+        recip, recip_m1 = (self._table(name, x.device) for name in
+                           ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
+        for t, t_next in dalle2_ddim_timesteps(self.timesteps, steps):
+            x0 = self._guided(x, t, brain, cond_scale)
+            eps = (recip[t] * x - x0) / recip_m1[t]
+            if t_next < 0:
+                x = x0
+                continue
+            a, a_next = abar_prev[t], abar_prev[t_next]
+            c1 = eta * ((1 - a / a_next) * (1 - a_next) / (1 - a)).sqrt()
+            c2 = ((1 - a_next) - c1 ** 2).sqrt()
+            noise = _rand(x.shape, generator, x.device, "randn").to(x.dtype) if t_next > 0 else 0.0
+            x = x0 * a_next.sqrt() + c1 * noise + c2 * eps
+        return x

@@ -122,9 +122,12 @@ def _resolve_subjects(cfg: ModelConfig, preset: Preset, data_voxels: Optional[in
 
 def check_resolved(cfg: ModelConfig) -> None:
     """Cross-field invariants of a resolved config (each error names the key)."""
-    for key in ("arch", "hidden_dim", "n_blocks", "norm", "activation", "dropout", "input_dropout",
-                "projector_hidden_dim", "prior", "lowlevel"):
+    for key in ("arch", "hidden_dim", "n_blocks", "backbone_blocks", "norm", "activation", "dropout",
+                "input_dropout", "projector_hidden_dim", "prior", "lowlevel"):
         _check(getattr(cfg, key) is not None, key, None, "a value (the preset gives none)")
+    # MindEye1's released blocks are the working ones; only MindEye2's release differs.
+    _check(cfg.backbone_blocks == "working" or cfg.arch == "mindeye2", "backbone_blocks", cfg.backbone_blocks,
+           "working with arch=mindeye1 (MindEye1's released blocks already work as described)")
     if cfg.prior:
         for key in ("prior_depth", "prior_heads", "prior_dim_head", "prior_ff_mult", "prior_dropout",
                     "prior_timesteps", "prior_cond_drop_prob", "prior_target_scale"):
