@@ -139,12 +139,14 @@ def test_warnings_for_three_sizes_one_decade_and_flat_data():
     tags = {w.split(":")[0] for w in fit["warnings"]}
     assert {"few sizes", "narrow range", "exact fit", "extrapolation", "bootstrap"} <= tags, fit["warnings"]
     assert fit["extrapolation"] is None and fit["decades"] == pytest.approx(1.0)
+    assert fit["supported"] is False and "3 sizes of N over 1.00 decades" in fit["not_supported_because"][0]
 
     rng = np.random.default_rng(3)
     flat = [trial(i, s, 1000, 3.0 * math.exp(rng.normal(0, 0.002))) for i, s in enumerate(np.geomspace(1e4, 1e6, 6))]
     fit = build_report(SweepResults(trials=flat, search=[]), "sweep", n_bootstrap=20)["fits"]["loss_vs_params"]
     tags = {w.split(":")[0] for w in fit["warnings"]}
     assert "saturation" in tags and ("CI spans zero" in tags or "at bound" in tags), fit["warnings"]
+    assert fit["supported"] is False
 
     two = build_report(SweepResults(trials=few[:2], search=[]), "sweep", n_bootstrap=10)["fits"]["loss_vs_params"]
     assert two["status"] == "skipped" and "not fitted" in two["warnings"][0]
@@ -211,6 +213,12 @@ def test_cli_writes_every_file_and_flags_below_ridge(cli_report):
     assert fit["alpha_ci95"][0] <= fit["alpha"] <= fit["alpha_ci95"][1]
     assert fit["extrapolation"]["held_out"] == 1e6
     assert report["below_ridge"] == ["t6"]
+    # Clean loss curve: supported. Brain retrieval collapses at the largest size (t6): not supported.
+    assert fit["supported"] and fit["alpha_ci95_rel_width"] < 0.5
+    brain = report["fits"]["brain_error_vs_params"]
+    assert brain["supported"] is False and "note" in brain
+    assert any("extrapolating to the largest size" in r for r in brain["not_supported_because"])
+    assert "**brain_error_vs_params: not supported**" in md and "**loss_vs_params: supported.**" in md
     assert [r["chosen"] for r in report["lr_search"]] == [True, False]
     assert report["sweep"]["name"] == "hand-written" and md.startswith("# Scaling report: hand-written")
 
@@ -295,3 +303,28 @@ def test_bootstrap_1000_on_a_small_problem():
     # The band holds the fitted curve between the smallest and largest size.
     band = boot.band(n)
     assert np.all(band[0] <= fit.predict(n) * (1 + 1e-9)) and np.all(fit.predict(n) <= band[1] * (1 + 1e-9))
+
+
+def test_objective_scaling_keeps_lbfgs_from_stopping_early():
+    """Besiroglu et al. 2024: a mean-reduced Huber(1e-3) objective under L-BFGS's default tolerances
+    stops early. Ours (sum / delta, tight tolerances) reaches the noiseless optimum from every start."""
+    from scipy.optimize import minimize
+
+    from mindeye_dist.scaling import fit as F
+
+    n = np.geomspace(1e4, 1e6, 7)
+    y = law(n)
+    log_x, log_y = (np.log(n) - np.log(n).mean())[:, None], np.log(y)
+    bounds = F._bounds(log_y, 1)
+
+    def mean_huber(theta):  # the objective before rescaling: mean of Huber_delta
+        value, grad = huber_objective(theta, log_x, log_y)
+        return value * F.HUBER_DELTA / n.size, grad * F.HUBER_DELTA / n.size
+
+    ours, naive = [], []
+    with F.single_threaded_blas():
+        for start in F._initial_grid(log_x, y):
+            ours.append(F._run_lbfgs(start, log_x, log_y, bounds)[0][2])
+            naive.append(minimize(mean_huber, start, jac=True, method="L-BFGS-B", bounds=bounds).x[2])
+    assert np.max(np.abs(np.array(ours) - ALPHA_TRUE)) < 1e-8
+    assert np.max(np.abs(np.array(naive) - ALPHA_TRUE)) > 1e3 * np.max(np.abs(np.array(ours) - ALPHA_TRUE))

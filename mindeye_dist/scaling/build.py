@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mindeye_dist.scaling.diagnose import ERROR_FLOOR, fit_warnings
+from mindeye_dist.scaling.diagnose import ERROR_FLOOR, exponent_supported, fit_warnings
 from mindeye_dist.scaling.fit import (HUBER_DELTA, LBFGS_OPTIONS, bootstrap_fit, enough_distinct,
                                       extrapolate_largest, fit_power_law, min_distinct_sizes)
 from mindeye_dist.scaling.frontier import compute_frontier
@@ -163,8 +163,12 @@ def fit_entry(spec: FitSpec, trials: list[Trial], slice_info: dict, n_bootstrap:
     else:
         entry["extrapolation"] = {AXIS_SYMBOL[a]: _extrapolation_entry(x, y, j) for j, a in enumerate(spec.axes)}
     entry["points"] = _points(trials, x, y, fit)
+    for name in spec.exponents:  # the bar for a sweep: CI narrower than half the exponent
+        lo, hi = entry[f"{name}_ci95"]
+        entry[f"{name}_ci95_rel_width"] = float((hi - lo) / entry[name]) if entry[name] > 0 else None
     entry["status"] = "ok"
     entry["warnings"] = fit_warnings(spec, entry, x, y)
+    entry["supported"], entry["not_supported_because"] = exponent_supported(spec, entry)
     return entry
 
 

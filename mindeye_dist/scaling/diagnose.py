@@ -141,3 +141,38 @@ def fit_warnings(spec: FitSpec, entry: dict, x: np.ndarray, y: np.ndarray) -> li
         out.append(f"error floor: {floored} run(s) had top-1 = 1 (error 0), floored at {ERROR_FLOOR:g} "
                    "for the log fit")
     return out
+
+
+def exponent_supported(spec: FitSpec, entry: dict) -> tuple[bool, list[str]]:
+    """Whether the data support the fitted exponent(s) as a scaling claim, and if not, why.
+
+    Supported means: converged; every axis has at least MIN_SIZES sizes over MIN_DECADES decades;
+    each exponent is clearly above 0 (at least FLAT_EXPONENT, off its bounds, CI not reaching 0) and
+    its 95% CI is narrower than the estimate; the fit without the largest size predicts it within
+    EXTRAPOLATION_TOLERANCE; no saturation warning (``entry["warnings"]`` is read). E and A being
+    poorly determined does not count against it.
+    """
+    reasons = []
+    if not entry["converged"]:
+        reasons.append("the fit did not converge")
+    k = len(spec.axes)
+    for axis, n, dec in zip(spec.axes, _per_axis(entry["n_sizes"], k), _per_axis(entry["decades"], k)):
+        sym = "N" if axis == "params" else "D"
+        if n < MIN_SIZES or dec < MIN_DECADES:
+            reasons.append(f"{n} sizes of {sym} over {dec:.2f} decades (needs {MIN_SIZES} over {MIN_DECADES})")
+    for name in spec.exponents:
+        lo, hi = entry[f"{name}_ci95"]
+        if entry[name] < FLAT_EXPONENT or name in entry["at_bounds"]:
+            reasons.append(f"{name} = {entry[name]:.3g} is at 0 or on a bound")
+        elif math.isnan(lo) or lo <= EXPONENT_BOUNDS[0] + 1e-6:
+            reasons.append(f"{name}'s 95% CI reaches 0")
+        elif hi - lo > entry[name]:
+            reasons.append(f"{name}'s 95% CI is wider than {name}")
+    extrapolations = entry["extrapolation"] if k == 2 else {"size": entry["extrapolation"]}
+    for where, ex in extrapolations.items():
+        if ex is None:
+            reasons.append(f"no extrapolation check at the largest {where} (too few sizes)")
+        elif abs(ex["rel_error"]) > EXTRAPOLATION_TOLERANCE:
+            reasons.append(f"extrapolating to the largest {where} misses by {100 * ex['rel_error']:+.1f}%")
+    reasons += [w for w in entry["warnings"] if w.startswith("saturation:")]
+    return not reasons, reasons

@@ -138,14 +138,23 @@ def _fit_section(name: str, entry: dict) -> list[str]:
 
 
 def _support(report: dict) -> list[str]:
-    lines = ["## What the data can and cannot support", ""]
+    lines = ["## What the data can and cannot support", "",
+             "A fitted exponent counts as supported when the fit converged, each axis has at least 5 sizes "
+             "over at least 1.5 decades, the exponent's 95% CI stays above 0 and is narrower than the "
+             "exponent, and the fit without the largest size predicts it within 10%. Each fit's other "
+             "caveats follow it.", ""]
     for name, entry in report["fits"].items():
-        warnings = entry.get("warnings", [])
-        if entry.get("status") == "ok" and not warnings:
-            lines.append(f"- **{name}**: no caveat found (at least 5 sizes over at least 1.5 decades, CIs "
-                         "narrower than the estimates, extrapolation to the largest size within 10%).")
-        for w in warnings:
-            lines.append(f"- **{name}**: {w}")
+        if entry.get("status") != "ok":
+            why = entry["warnings"][0].removeprefix("not fitted: ")
+            lines.append(f"- **{name}: not fitted.** {why[:1].upper() + why[1:]}.")
+            continue
+        exps = [p for p in _param_names(name) if p in SYMBOL]
+        if entry["supported"]:
+            lines.append(f"- **{name}: supported.** " + "; ".join(_with_ci(entry, p) for p in exps) + ".")
+        else:
+            lines.append(f"- **{name}: not supported** as a scaling claim: "
+                         + "; ".join(entry["not_supported_because"]) + ".")
+        lines += [f"  - {w}" for w in entry["warnings"]]
     for note in report["data_notes"]:
         lines.append(f"- **data**: {note}")
     reason = report["compute_frontier"]["fitted_reason"]
