@@ -328,3 +328,47 @@ def test_objective_scaling_keeps_lbfgs_from_stopping_early():
             naive.append(minimize(mean_huber, start, jac=True, method="L-BFGS-B", bounds=bounds).x[2])
     assert np.max(np.abs(np.array(ours) - ALPHA_TRUE)) < 1e-8
     assert np.max(np.abs(np.array(naive) - ALPHA_TRUE)) > 1e3 * np.max(np.abs(np.array(ours) - ALPHA_TRUE))
+
+
+def _write_rows(directory: Path, rows: list[dict]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+BASE_ROW = dict(params=1e4, data_size=1000, samples_seen=2e4, flops=1.2e9, lr=1e-3, val_loss=5.0,
+                val_image_top1=0.3, val_brain_top1=0.2, wall_s=1.0, overrides={})
+
+
+def test_report_never_crashes_on_too_little_data(tmp_path):
+    from mindeye_dist.scaling import write_report
+
+    one = write_report(_write_rows(tmp_path / "one", [dict(BASE_ROW, trial_id="a", flops=0)]), tmp_path / "r1",
+                       n_bootstrap=10)
+    assert all(f["status"] == "skipped" for f in one["fits"].values())
+    assert "loss_vs_compute" not in one["figures"]  # no run records FLOPs
+    md = (tmp_path / "r1" / "report.md").read_text()
+    assert "1 run(s) at 1 distinct N value(s)" in md and "No run records training FLOPs" in md
+    with pytest.raises(ResultsError, match="no final trial has a finished status"):
+        write_report(_write_rows(tmp_path / "failed", [dict(BASE_ROW, trial_id="a", status="error")]),
+                     tmp_path / "r2", n_bootstrap=10)
+
+
+def test_report_on_a_three_by_three_grid_fits_the_joint_law(tmp_path):
+    from mindeye_dist.scaling import write_report
+
+    rows = [dict(BASE_ROW, trial_id=f"g{i}{j}", params=10.0 ** (4 + i), data_size=10.0 ** (3 + j),
+                 flops=120 * 10.0 ** (7 + i + j), val_image_top1=0.95 - 3 * 10.0 ** (-(4 + i) * 0.3),
+                 val_brain_top1=0.9 - 3 * 10.0 ** (-(4 + i) * 0.3),
+                 val_loss=float(E_TRUE + A_TRUE * 10.0 ** (-(4 + i) * ALPHA_TRUE) + B_TRUE * 10.0 ** (-(3 + j) * BETA_TRUE)))
+            for i in range(3) for j in range(3)]
+    report = write_report(_write_rows(tmp_path / "grid", rows), tmp_path / "r", n_bootstrap=10)
+    joint = report["fits"]["loss_joint"]
+    assert joint["alpha"] == pytest.approx(ALPHA_TRUE, rel=1e-4) and joint["beta"] == pytest.approx(BETA_TRUE, rel=1e-4)
+    assert set(joint["extrapolation"]) == {"N", "D"} and joint["supported"] is False  # 3 sizes per axis
+    assert report["fits"]["loss_vs_params"]["slice"] == {"data_size": 1e5}  # the largest D
+    assert report["fits"]["loss_vs_params"]["extrapolation"] is None
+    assert report["compute_frontier"]["fitted"]["kappa"] == pytest.approx(120.0)
+    assert {"loss_vs_params", "loss_vs_data", "loss_vs_compute", "residuals"} <= set(report["figures"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"| beta | {num(joint['beta'])} |" in md and "N_opt ∝ C^" in md

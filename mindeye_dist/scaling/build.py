@@ -15,7 +15,7 @@ from mindeye_dist.scaling.diagnose import ERROR_FLOOR, exponent_supported, fit_w
 from mindeye_dist.scaling.fit import (HUBER_DELTA, LBFGS_OPTIONS, bootstrap_fit, enough_distinct,
                                       extrapolate_largest, fit_power_law, min_distinct_sizes)
 from mindeye_dist.scaling.frontier import compute_frontier
-from mindeye_dist.scaling.results import SweepResults, Trial
+from mindeye_dist.scaling.results import FITTED_STATUSES, ResultsError, SweepResults, Trial
 
 CURVE_POINTS = 60
 BOUNDED_METRIC_NOTE = ("retrieval top-1 is bounded, so the power law is fitted to its error rate 1 - top-1; "
@@ -138,8 +138,9 @@ def fit_entry(spec: FitSpec, trials: list[Trial], slice_info: dict, n_bootstrap:
     if not len(trials) or not enough_distinct(x):
         need = min_distinct_sizes(len(spec.axes))
         entry.update(status="skipped", warnings=[
-            f"not fitted: {len(trials)} runs at {n_sizes} distinct {'/'.join(AXIS_SYMBOL[a] for a in spec.axes)} "
-            f"values; a fit needs at least {need} distinct values per axis"
+            f"not fitted: {len(trials)} run(s) at {' × '.join(map(str, n_sizes))} distinct "
+            f"{' × '.join(AXIS_SYMBOL[a] for a in spec.axes)} value(s); a fit needs at least {need} distinct "
+            "values per axis"
             + ("" if len(spec.axes) == 1 else " and more than 5 distinct (N, D) points")],
             points=_points(trials, x, y))
         return entry
@@ -237,7 +238,9 @@ def build_report(results: SweepResults, sweep_dir: str, n_bootstrap: int = 1000,
     """The whole report structure (``report.json``) for ``results``."""
     fitted = results.fitted()
     if not fitted:
-        raise ValueError("no trial has a finished status; nothing to fit")
+        statuses = sorted({str(t.status) for t in results.trials})
+        raise ResultsError(f"no final trial has a finished status (found: {', '.join(statuses)}; fitted are "
+                           f"rows without a status or with one of {', '.join(FITTED_STATUSES)}): nothing to fit")
     fits = build_fits(fitted, n_bootstrap, seed)
     trials = trial_rows(results.trials)
     notes = list(results.notes)

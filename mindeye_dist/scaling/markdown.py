@@ -51,7 +51,7 @@ def _with_ci(entry: dict, p: str) -> str:
 
 def _extrapolation_sentence(entry: dict) -> str:
     ex = entry["extrapolation"]
-    items = ex.items() if "N" in ex or "D" in ex else [(AXIS_SYMBOL[entry["axes"][0]], ex)]
+    items = ex.items() if len(entry["axes"]) == 2 else [(AXIS_SYMBOL[entry["axes"][0]], ex)]
     out = []
     for sym, e in items:
         if e is None:
@@ -74,9 +74,14 @@ def _summary_of_fit(name: str, entry: dict) -> str:
     exps = [p for p in _param_names(name) if p in SYMBOL]
     spread = entry["n_sizes"] if isinstance(entry["n_sizes"], int) else " × ".join(map(str, entry["n_sizes"]))
     decades = entry["decades"] if isinstance(entry["decades"], list) else [entry["decades"]]
+    fixed = [f"{AXIS_SYMBOL[k]} = {num(v)}" for k, v in (entry.get("slice") or {}).items() if v is not None]
+    # A one-axis fit on a slice of a two-axis sweep: E then holds the other axis's term too.
+    where = f" (all at {fixed[0]}, so E includes that axis's term)" if fixed else ""
+    verdict = (" The data support this exponent." if entry["supported"] else
+               " The data do not support it as a scaling claim (see below).")
     return (f"{label}, `{entry['form']}`: " + ", ".join(_with_ci(entry, p) for p in exps)
-            + f", E = {num(entry['E'])}, from {entry['n_runs']} runs at {spread} sizes spanning "
-            + " and ".join(f"{d:.2f}" for d in decades) + " decades. " + _extrapolation_sentence(entry))
+            + f", E = {num(entry['E'])}, from {entry['n_runs']} runs at {spread} sizes{where} spanning "
+            + " and ".join(f"{d:.2f}" for d in decades) + " decades. " + _extrapolation_sentence(entry) + verdict)
 
 
 def _summary(report: dict) -> list[str]:
@@ -192,7 +197,10 @@ def _frontier(report: dict) -> list[str]:
     cf = report["compute_frontier"]
     rows = [[p["trial_id"], num(p["flops"]), num(p["val_loss"]), num(p["params"]), num(p["data_size"])]
             for p in cf["points"]]
-    lines = ["## Compute frontier", "", "Runs no cheaper run beats (lower envelope of loss vs FLOPs):", ""]
+    lines = ["## Compute frontier", ""]
+    if not rows:
+        return lines + ["No run records training FLOPs, so there is no frontier.", ""]
+    lines += ["Runs no cheaper run beats (lower envelope of loss vs FLOPs):", ""]
     lines += _table(["trial", "FLOPs", "val loss", "N", "D"], rows) + [""]
     if cf["fitted"]:
         f = cf["fitted"]

@@ -95,9 +95,12 @@ def _plot_optimum(ax, curve: dict, key: str, boxed_label: str, free_label: str) 
         ax.plot(x, free, color="0.3", ls=":", lw=1.3, label=free_label)
 
 
-def plot_loss_vs_compute(report: dict, path: Path) -> None:
-    """Every run's loss against its training FLOPs, coloured by N, with the frontier."""
+def plot_loss_vs_compute(report: dict, path: Path) -> bool:
+    """Every run's loss against its training FLOPs, coloured by N, with the frontier; False when no
+    run records FLOPs."""
     runs = [r for r in report["trials"] if r["flops"] > 0 and not any(f.startswith("status") for f in r["flags"])]
+    if not runs:
+        return False
     frontier = report["compute_frontier"]
     fitted = frontier["fitted"]
     fig, axes = _new_figure(2 if fitted else 1, width=10.0 if fitted else SIZE[0])
@@ -127,6 +130,7 @@ def plot_loss_vs_compute(report: dict, path: Path) -> None:
     _plain_log_labels(ax.yaxis)
     ax.legend(loc="lower left")
     fig.savefig(path)
+    return True
 
 
 def plot_retrieval_vs_params(report: dict, path: Path) -> None:
@@ -202,8 +206,8 @@ def _write_all(report: dict, out_dir: Path) -> dict[str, str]:
     for name in ("loss_vs_params", "loss_vs_data"):
         if plot_loss_vs_axis(report, name, out_dir / f"{name}.png"):
             written[name] = f"{name}.png"
-    plot_loss_vs_compute(report, out_dir / "loss_vs_compute.png")
-    written["loss_vs_compute"] = "loss_vs_compute.png"
+    if plot_loss_vs_compute(report, out_dir / "loss_vs_compute.png"):
+        written["loss_vs_compute"] = "loss_vs_compute.png"
     plot_retrieval_vs_params(report, out_dir / "retrieval_vs_params.png")
     written["retrieval_vs_params"] = "retrieval_vs_params.png"
     if plot_residuals(report, out_dir / "residuals.png"):
