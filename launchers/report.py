@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     fit = report["fits"]["loss_vs_params"]
     if fit.get("status") == "ok":
         lo, hi = fit["alpha_ci95"]
-        print(f"loss vs parameters: alpha = {fit['alpha']:.4g} (95% CI {lo:.4g} to {hi:.4g}), "
-              f"{fit['n_runs']} runs, {len(fit['warnings'])} warning(s)")
+        ci = "no CI" if lo is None else f"95% CI {lo:.4g} to {hi:.4g}"
+        print(f"loss vs parameters: alpha = {fit['alpha']:.4g} ({ci}), {fit['n_runs']} runs, "
+              f"{'supported' if fit['supported'] else 'not supported'}, {len(fit['warnings'])} warning(s)")
     print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['figures'])} figures")
     return 0
 

@@ -349,6 +349,11 @@ def test_report_never_crashes_on_too_little_data(tmp_path):
     assert "loss_vs_compute" not in one["figures"]  # no run records FLOPs
     md = (tmp_path / "r1" / "report.md").read_text()
     assert "1 run(s) at 1 distinct N value(s)" in md and "No run records training FLOPs" in md
+    # No bootstrap at all: estimates without CIs (JSON null), not a crash on NaN.
+    rows = [dict(BASE_ROW, trial_id=f"b{i}", params=s, val_loss=float(law(s))) for i, s in enumerate(np.geomspace(1e4, 1e6, 5))]
+    none = write_report(_write_rows(tmp_path / "noboot", rows), tmp_path / "r0", n_bootstrap=0)["fits"]["loss_vs_params"]
+    assert none["alpha"] == pytest.approx(ALPHA_TRUE) and none["alpha_ci95"] == [None, None] and not none["supported"]
+    assert json.loads((tmp_path / "r0" / "report.json").read_text())["fits"]["loss_vs_params"]["alpha_ci95"] == [None, None]
     with pytest.raises(ResultsError, match="no final trial has a finished status"):
         write_report(_write_rows(tmp_path / "failed", [dict(BASE_ROW, trial_id="a", status="error")]),
                      tmp_path / "r2", n_bootstrap=10)

@@ -105,8 +105,9 @@ def _extrapolation_entry(x: np.ndarray, y: np.ndarray, axis: int) -> dict | None
 def _curve(spec: FitSpec, x: np.ndarray, fit, boot, extrapolation: dict | None) -> dict:
     grid = np.geomspace(x[:, 0].min(), x[:, 0].max(), CURVE_POINTS)
     low, high = boot.band(grid)
-    curve = {"x": grid.tolist(), "fit": fit.predict(grid).tolist(), "band_low": low.tolist(),
-             "band_high": high.tolist()}
+    curve = {"x": grid.tolist(), "fit": fit.predict(grid).tolist()}
+    if np.all(np.isfinite(low)):  # no band without bootstrap refits
+        curve["band_low"], curve["band_high"] = low.tolist(), high.tolist()
     if extrapolation is not None:
         e = extrapolation
         curve["holdout_fit"] = (e["fit_E"] + e["fit_A"][0] * grid ** -e["fit_exponents"][0]).tolist()
@@ -150,7 +151,8 @@ def fit_entry(spec: FitSpec, trials: list[Trial], slice_info: dict, n_bootstrap:
     # Natural parameters come in the order [E, A_1, alpha_1, A_2, alpha_2], the CI rows too.
     for i, (name, value) in enumerate(_named(spec, fit.natural()).items()):
         entry[name] = value
-        entry[f"{name}_ci95"] = [float(ci[i, 0]), float(ci[i, 1])]
+        # No CI (JSON null) when no resample gave a fit, e.g. --bootstrap 0.
+        entry[f"{name}_ci95"] = [None if np.isnan(v) else float(v) for v in ci[i]]
     entry["bootstrap_used"] = int(len(boot.samples))
     entry["bootstrap_degenerate"] = boot.degenerate
     entry["bootstrap_failed"] = boot.failed
@@ -166,7 +168,7 @@ def fit_entry(spec: FitSpec, trials: list[Trial], slice_info: dict, n_bootstrap:
     entry["points"] = _points(trials, x, y, fit)
     for name in spec.exponents:  # the bar for a sweep: CI narrower than half the exponent
         lo, hi = entry[f"{name}_ci95"]
-        entry[f"{name}_ci95_rel_width"] = float((hi - lo) / entry[name]) if entry[name] > 0 else None
+        entry[f"{name}_ci95_rel_width"] = float((hi - lo) / entry[name]) if entry[name] > 0 and lo is not None else None
     entry["status"] = "ok"
     entry["warnings"] = fit_warnings(spec, entry, x, y)
     entry["supported"], entry["not_supported_because"] = exponent_supported(spec, entry)

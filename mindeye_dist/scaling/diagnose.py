@@ -55,7 +55,7 @@ def _intervals(spec: FitSpec, entry: dict, y: np.ndarray) -> list[str]:
     out = []
     for name in ["E"] + [n for pair in zip(spec.coefficients, spec.exponents) for n in pair]:
         value, (lo, hi) = entry[name], entry[f"{name}_ci95"]
-        if math.isnan(lo):
+        if lo is None:
             out.append(f"bootstrap: no 95% CI for {name} (no resample gave a converged fit)")
             continue
         if name in spec.exponents and lo <= EXPONENT_BOUNDS[0] + 1e-6:
@@ -164,7 +164,9 @@ def exponent_supported(spec: FitSpec, entry: dict) -> tuple[bool, list[str]]:
         lo, hi = entry[f"{name}_ci95"]
         if entry[name] < FLAT_EXPONENT or name in entry["at_bounds"]:
             reasons.append(f"{name} = {entry[name]:.3g} is at 0 or on a bound")
-        elif math.isnan(lo) or lo <= EXPONENT_BOUNDS[0] + 1e-6:
+        elif lo is None:
+            reasons.append(f"no 95% CI for {name} (no bootstrap refit)")
+        elif lo <= EXPONENT_BOUNDS[0] + 1e-6:
             reasons.append(f"{name}'s 95% CI reaches 0")
         elif hi - lo > entry[name]:
             reasons.append(f"{name}'s 95% CI is wider than {name}")

@@ -25,7 +25,8 @@ LOSS_UNITS = "validation contrastive loss (nats)"
 def _ci_text(entry: dict, name: str) -> str:
     lo, hi = entry[f"{name}_ci95"]
     symbol = {"alpha": "α", "beta": "β"}.get(name, name)
-    return f"{symbol} = {entry[name]:.3g} (95% CI {lo:.3g}–{hi:.3g})"
+    ci = "no CI" if lo is None else f"95% CI {lo:.3g}–{hi:.3g}"
+    return f"{symbol} = {entry[name]:.3g} ({ci})"
 
 
 def _new_figure(ncols: int = 1, width: float = SIZE[0]) -> tuple[Figure, list]:
@@ -47,7 +48,7 @@ def _draw_fit(ax, entry: dict, exponent: str, color: str = "C0") -> None:
     c = entry["curve"]
     ax.plot(c["x"], c["fit"], color=color, lw=2, label=f"fit: E + A·N$^{{-{exponent}}}$".replace(
         "A·N", "B·D" if exponent == "β" else "A·N"))
-    if np.all(np.isfinite(c["band_low"])):
+    if "band_low" in c:
         ax.fill_between(c["x"], c["band_low"], c["band_high"], color=color, alpha=0.2, lw=0,
                         label="95% bootstrap band")
     if "holdout_fit" in c:
@@ -146,7 +147,7 @@ def plot_retrieval_vs_params(report: dict, path: Path) -> None:
         if entry.get("status") == "ok":
             c = entry["curve"]
             ax.plot(c["x"], 1 - np.array(c["fit"]), color=color, lw=2, label="fit on error 1 − top-1")
-            if np.all(np.isfinite(c["band_low"])):
+            if "band_low" in c:
                 ax.fill_between(c["x"], 1 - np.array(c["band_high"]), 1 - np.array(c["band_low"]),
                                 color=color, alpha=0.2, lw=0, label="95% bootstrap band")
             title += f"\nerror ∝ N^-α: {_ci_text(entry, 'alpha')}"
