@@ -1,0 +1,158 @@
+"""Sweeps: the typed sweep config, the plan and --dry-run, and the smoke sweep on a real
+two-node Ray cluster (``ray start --head`` on 127.0.0.1 plus a second ``ray start`` node) with the
+driver killed mid-sweep and resumed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mindeye_dist.config import ConfigError
+from mindeye_dist.distributed import free_port
+from mindeye_dist.sweep.config import load_sweep_config
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SWEEPS = REPO / "launchers" / "configs" / "sweeps"
+REQUIRED = ("trial_id", "params", "data_size", "samples_seen", "flops", "lr", "val_loss", "val_image_top1",
+            "val_brain_top1", "wall_s", "overrides")
+
+
+@pytest.mark.parametrize("name", ["smoke", "scaling_cpu", "scaling_gpu"])
+def test_shipped_sweep_configs_load(name):
+    sweep = load_sweep_config(SWEEPS / f"{name}.yaml")
+    assert len(sweep.models) >= 2 and sweep.lr.values
+
+
+@pytest.mark.parametrize("override,key", [
+    ("lr.values=[]", "lr.values"),
+    ("budget.flops=1e12", "budget"),  # samples and flops both set
+    ("resources.workers_per_trial=0", "resources.workers_per_trial"),
+    ("models[0]=1", "models"),
+    ("lr.grace_fraction=2", "lr.grace_fraction"),
+    ("data_sizes=[0.5, -1]", "data_sizes"),
+    ("lr.data_size=0.3", "lr.data_size"),
+])
+def test_bad_sweep_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
+        load_sweep_config(SWEEPS / "smoke.yaml", [override])
+
+
+def _sweep(out, *args, address=None, timeout=1500, **popen):
+    cmd = [sys.executable, str(REPO / "launchers/sweep.py"), "--config", str(SWEEPS / "smoke.yaml"), "--out", str(out),
+           *(["--address", address] if address else []), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(tmp_path):
+    proc = _sweep(tmp_path / "sw", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for trial in ("h16-d144-s0-lr0.001", "h64-d144-s0-lr0.01", "h16-d144-s0 ", "h64-d144-s0 "):
+        assert trial in proc.stderr
+    assert "mem/rank" in proc.stderr and "FLOPs" in proc.stderr
+    plan = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [t["trial_id"] for t in plan["finals"]] == ["h16-d144-s0", "h64-d144-s0"]
+    assert not (tmp_path / "sw" / "ray").exists()  # nothing started
+
+    proc = _sweep(tmp_path / "sw", "--dry-run", "resources.device_memory_gb=0.0001")
+    assert proc.returncode == 2
+    assert "REFUSED h64" in proc.stderr and "resources.device_memory_gb=0.0001" in proc.stderr
+
+
+def test_scaling_gpu_dry_run_covers_100m_to_5b_and_1_to_40_sessions(tmp_path):
+    sweep = load_sweep_config(SWEEPS / "scaling_gpu.yaml")
+    assert sweep.data.url and len(sweep.data_sizes) >= 3
+    from mindeye_dist.sweep.plan import check_memory, make_plan
+
+    # The GPU sweep names an NSD dataset; plan it against a tiny stand-in with the same dims.
+    from mindeye_dist.data import build_synthetic_dataset
+
+    url = str(tmp_path / "nsd")
+    build_synthetic_dataset("tiny", url, 0, progress=False, n_voxels=15724, n_tokens=257, token_dim=768, n_train=60,
+                            n_test=8, vae_size=64)
+    sweep.data.url = url
+    sweep.data_sizes = [d for d in sweep.data_sizes if d <= 1.0] or [1.0]
+    plan = make_plan(sweep, url)
+    params = sorted(info.params for info in plan.sizes.values())
+    assert params[0] < 2e8 and params[-1] >= 5e9, params
+    assert check_memory(plan) == []  # every size fits the declared 80 GB per GPU
+
+
+@pytest.fixture
+def ray_cluster():
+    """A real two-node Ray cluster on this machine: ``ray start --head`` and a second ``ray start``
+    node with its own resources. Ray refuses a multi-node cluster on the loopback address (it swaps
+    127.0.0.1 for the host's routable address), so the nodes use that; the sweep's own local Ray,
+    a single node, stays on 127.0.0.1 (sweep.runner._start_ray)."""
+    import re
+    import shutil
+    import tempfile
+
+    port = free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    ray = str(BIN / "ray")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's AF_UNIX socket paths must stay under 108 bytes
+
+    def start(*args) -> str:
+        proc = subprocess.run([ray, "start", *args, "--num-cpus=3", "--disable-usage-stats"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    head = start("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}")
+    address = re.search(r"ray start --address='([^']+)'", head).group(1)
+    try:
+        start(f"--address={address}", '--resources={"second_node": 1}')
+        yield address
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_smoke_sweep_on_two_nodes_survives_a_killed_driver(tmp_path, ray_cluster):
+    out = tmp_path / "sw"
+    driver = _sweep(out, "resources.placement=SPREAD", address=ray_cluster, popen=True)
+    events = out / "events.log"
+    deadline = time.time() + 1200
+    while time.time() < deadline and driver.poll() is None:
+        if events.is_file() and "finished" in events.read_text():
+            break
+        time.sleep(2)
+    assert driver.poll() is None, driver.stdout.read()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-sweep (its trials with it)
+    driver.wait(60)
+    finished = {line.split()[2].rstrip(":") for line in events.read_text().splitlines()
+                if line.split()[1:2] == ["finished"]}
+    assert finished
+    stamps = {t: (out / "trials" / t / "result.json").stat().st_mtime for t in finished}
+
+    proc = _sweep(out, "resources.placement=SPREAD", address=ray_cluster)  # the same command resumes
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for trial, stamp in stamps.items():  # finished before the kill: not rerun
+        assert (out / "trials" / trial / "result.json").stat().st_mtime == stamp
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    finals = [r for r in rows if r["role"] == "final"]
+    assert sorted(r["size"] for r in finals) == ["h16", "h64"]
+    for r in rows:
+        assert all(k in r for k in REQUIRED), r
+    for r in finals:
+        assert r["status"] == "finished" and r["samples_seen"] == 192 and r["flops"] > 0
+        assert r["params"] > 0 and r["val_loss"] > 0 and 0 <= r["val_image_top1"] <= 1
+        assert len(set(r["nodes"])) == 2, r["nodes"]  # SPREAD: the trial's two ranks on both nodes
+    assert json.loads((out / "lr.json").read_text()).keys() == {"h16", "h64"}
+    assert (out / "trials" / finals[0]["trial_id"] / "run" / "checkpoints" / "latest").is_file()
