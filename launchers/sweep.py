@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables; we print one line per event
+    if not args.address:
+        # Before Ray is imported (it reads this once): the local Ray this command starts runs in
+        # Ray's single-host mode, which keeps GCS, raylet and workers on 127.0.0.1.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from mindeye_dist.data.errors import DataError
     from mindeye_dist.ds_config import DSConfigError
     from mindeye_dist.sweep import load_sweep_config, run_sweep

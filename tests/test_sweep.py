@@ -156,3 +156,38 @@ def test_smoke_sweep_on_two_nodes_survives_a_killed_driver(tmp_path, ray_cluster
         assert len(set(r["nodes"])) == 2, r["nodes"]  # SPREAD: the trial's two ranks on both nodes
     assert json.loads((out / "lr.json").read_text()).keys() == {"h16", "h64"}
     assert (out / "trials" / finals[0]["trial_id"] / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_tuning_space_and_overrides():
+    from mindeye_dist.sweep.tuning import TuneSpace, trial_overrides
+
+    with pytest.raises(ConfigError, match="space.lr"):
+        TuneSpace(lr=[1e-2, 1e-4])
+    overrides = trial_overrides({"lr": 1e-3, "temperature": 0.05, "width": 512, "dropout": 0.1, "mixup": 0.3})
+    from mindeye_dist.config import load_config
+
+    cfg = load_config(None, overrides)  # every override is a valid experiment key
+    assert cfg.optim.max_lr == 1e-3 and cfg.model.hidden_dim == 512 and cfg.loss.mixup_pct == 0.3
+    assert cfg.loss.bimixco_temp == cfg.loss.softclip_temp_start == cfg.loss.softclip_temp_end == 0.05
+
+
+@pytest.mark.slow
+def test_tuning_mode_writes_a_config_that_trains(tmp_path):
+    from mindeye_dist.data import build_synthetic_dataset
+
+    data = tmp_path / "data"
+    build_synthetic_dataset("tiny", str(data), 0, progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [sys.executable, str(REPO / "launchers/tune.py"), "--data", str(data), "--out", str(tmp_path / "tune"),
+           "--config", str(REPO / "launchers/configs/tiny.yaml"), "--budget-min", "10", "--trials", "3", "--steps", "12",
+           "base.model.prior=false", "base.model.lowlevel=false", "base.data.num_workers=0", "space.width=[16,32]"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "tune" / "tuning.json").read_text())
+    assert len(report["trials"]) >= 2 and report["best"]["val_image_top1"] is not None
+    from mindeye_dist.config import load_config
+
+    best = load_config(tmp_path / "tune" / "best.yaml")  # a ready config: loads, trains with --config
+    assert best.model.hidden_dim in (16, 32) and best.train.max_steps == 12
+    assert best.optim.max_lr == pytest.approx(report["best"]["values"]["lr"])
+    assert "started a local Ray on 127.0.0.1" in proc.stderr

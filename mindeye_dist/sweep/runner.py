@@ -368,10 +368,6 @@ def _start_ray(sweep: SweepConfig, address: Optional[str], plan: SweepPlan, even
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         events(f"joined the Ray cluster at {address}: {ray.cluster_resources()}")
         return False
-    # Ray swaps a 127.0.0.1 node address for the host's routable one and binds its servers there;
-    # its single-host mode (meant for laptops) keeps GCS, raylet and workers on the loopback.
-    # Must be set before Ray's processes start; ray.init passes the environment down.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     res = sweep.resources
     # Logical CPUs: the machine's, or what one size's ASHA candidates need at once (they share the
     # cores then; the search compares candidates only when they run side by side).
@@ -380,7 +376,11 @@ def _start_ray(sweep: SweepConfig, address: Optional[str], plan: SweepPlan, even
     cpus = max(os.cpu_count() or 1, math.ceil(need - 1e-9))
     ray.init(num_cpus=cpus, include_dashboard=sweep.dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
-    events(f"started a local Ray on 127.0.0.1 with {cpus} logical CPUs"
+    # Ray swaps a 127.0.0.1 node address for the host's routable one and binds there, unless it runs
+    # in its single-host mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set by the launchers before Ray
+    # is imported), which keeps GCS, raylet and workers on the loopback.
+    where = ray.nodes()[0]["NodeManagerAddress"]
+    events(f"started a local Ray on {where} with {cpus} logical CPUs"
            + (f" (the machine has {os.cpu_count()})" if cpus != os.cpu_count() else "")
            + ("; dashboard on 127.0.0.1" if sweep.dashboard else "; dashboard off"))
     return True
