@@ -189,13 +189,47 @@ def _xml_field(body: bytes, name: str) -> Optional[str]:
     return text[start + len(name) + 2:end].strip() if start >= 0 and end > start else None
 
 
-def _http_getter(endpoint: Optional[str]) -> Optional[_S3HttpGetter]:
+class _BotoBody:
+    def __init__(self, body):
+        self.body = body
+
+    def read(self, n):
+        return self.body.read(n)
+
+    def close(self):
+        self.body.close()
+
+    def release_conn(self):
+        self.body.close()
+
+
+class _S3BotoGetter:
+    """MEASUREMENT VARIANT: get_object()['Body'] streaming."""
+
+    def __init__(self, endpoint: Optional[str]) -> None:
+        import botocore.session
+        from botocore.config import Config
+
+        validation = os.environ.get("MINDEYE_S3_CHECKSUM", "when_supported")
+        cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"} if endpoint else {},
+                     connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
+                     response_checksum_validation=validation)
+        self.client = botocore.session.get_session().create_client("s3", endpoint_url=endpoint, config=cfg)
+
+    def get(self, url: str, offset: int = 0, attempts: int = 3):
+        bucket, _, key = url[len("s3://"):].partition("/")
+        kw = {"Range": f"bytes={offset}-"} if offset else {}
+        return _BotoBody(self.client.get_object(Bucket=bucket, Key=key, **kw)["Body"])
+
+
+def _http_getter(endpoint: Optional[str]):
     """This process's getter (None when MINDEYE_S3_READER=s3fs or after a fallback)."""
-    if os.environ.get(_S3_READER_ENV, "http") == "s3fs":
+    mode = os.environ.get(_S3_READER_ENV, "http")
+    if mode == "s3fs":
         return None
-    key = (os.getpid(), endpoint)
+    key = (os.getpid(), endpoint, mode)
     if key not in _S3_GETTERS:
-        _S3_GETTERS[key] = _S3HttpGetter(endpoint)
+        _S3_GETTERS[key] = _S3BotoGetter(endpoint) if mode.startswith("botocore") else _S3HttpGetter(endpoint)
     return _S3_GETTERS[key]
 
 
