@@ -2,7 +2,7 @@
 
     python launchers/benchmark_data.py                      # demo dataset in a temp dir
     python launchers/benchmark_data.py --json bench.json --data-dir demo_out/data --workers 2
-    python launchers/benchmark_data.py --nsd-samples 2048 --data-dir /tmp/nsd --s3-readers botocore,http,s3fs --repeats 7
+    python launchers/benchmark_data.py --nsd-samples 2048 --data-dir /tmp/nsd --s3-readers botocore,s3fs --unverified --repeats 7
     make bench-data
 
 Sources are read one epoch each in turn (local, then every S3 reader), ``--repeats`` times, so a
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per source; the median is reported")
+    p.add_argument("--unverified", action="store_true", help="also read local shards without checksum verification (its cost)")
     p.add_argument("--s3-readers", default=S3_READERS[0],
                    help=f"comma-separated S3 readers to compare, from {','.join(S3_READERS)} (the first is reported as 's3')")
     args = p.parse_args(argv)
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         from mindeye_dist.bench.data import build_nsd_sized_dataset
 
         build_nsd_sized_dataset(args.data_dir, args.nsd_samples)
-    r = run_benchmark(args.data_dir, args.preset, args.workers, args.batch_size, args.repeats, s3_readers=readers)
+    r = run_benchmark(args.data_dir, args.preset, args.workers, args.batch_size, args.repeats, s3_readers=readers,
+                      unverified=args.unverified)
     print(f"{r['train_samples']} train samples in {r['train_shards']} shards, {r['bytes_per_sample'] / 1e3:.1f} KB/sample, "
           f"{r['num_workers']} workers, batch {r['batch_size']}, median [min-max] of {r['repeats']} interleaved epochs")
     for name, v in r["variants"].items():

@@ -1,11 +1,13 @@
 """Loader throughput from local disk and from a loopback S3 server (moto), measured not guessed.
 
 Builds the demo dataset (once), copies it into a moto S3 server it starts on 127.0.0.1, then
-times full training epochs of the real loader from both places and reports medians.
+times full training epochs of the real loader from both places, interleaved, and reports medians
+and the spread.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
@@ -85,17 +87,35 @@ def _interleaved(variants: dict[str, tuple[DataConfig, dict, Optional[int]]], ba
     return {name: _summary(r, bytes_per_sample) for name, r in runs.items()}
 
 
-S3_READERS = ("botocore", "http", "s3fs")
-"""What ``MINDEYE_S3_READER`` can select (see storage.py); the first is the default."""
+S3_READERS = ("botocore", "s3fs")
+"""What ``MINDEYE_S3_READER`` can select (see s3.py); the first is the default."""
+
+
+def _unverified_copy(data_dir: str, out_dir: str) -> str:
+    """``data_dir``'s shards (symlinked) under a meta.json without checksums: the same bytes read
+    unverified, to measure what verifying costs."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(data_dir):
+        if name.endswith((".tar", ".npz")) and not os.path.exists(os.path.join(out_dir, name)):
+            os.symlink(os.path.join(os.path.abspath(data_dir), name), os.path.join(out_dir, name))
+    with open(os.path.join(data_dir, META_NAME)) as f:
+        raw = json.load(f)
+    for split in raw["splits"].values():
+        for shard in split["shards"]:
+            shard.pop("sha256", None)
+    with open(os.path.join(out_dir, META_NAME), "w") as f:
+        json.dump(raw, f)
+    return out_dir
 
 
 def run_benchmark(data_dir: Optional[str] = None, preset: str = "demo", num_workers: int = 2, batch_size: int = 32,
                   repeats: int = 3, shuffle_buffer: int = 500, separate_server: bool = True,
-                  s3_readers: Sequence[str] = S3_READERS[:1]) -> dict:
+                  s3_readers: Sequence[str] = S3_READERS[:1], unverified: bool = False) -> dict:
     """Measure loader samples/s and MB/s (local vs loopback S3); returns a JSON-ready dict.
 
-    Every source (local disk, S3 through each of ``s3_readers``) reads one epoch per repeat,
-    interleaved (see :func:`_interleaved`); ``result["s3"]`` is the first reader's.
+    Every source (local disk, S3 through each of ``s3_readers``, and with ``unverified`` local
+    disk without checksum verification) reads one epoch per repeat, interleaved (see
+    :func:`_interleaved`); ``result["s3"]`` is the first reader's.
     The S3 server runs in its own process by default (``separate_server``): in this process it
     would share the GIL with the loader's consumer thread, which a real object store does not."""
     unknown = [r for r in s3_readers if r not in S3_READERS]
@@ -122,6 +142,7 @@ def run_benchmark(data_dir: Optional[str] = None, preset: str = "demo", num_work
     base = dict(num_workers=num_workers, shuffle_buffer=shuffle_buffer, train_reps="one")
     from mindeye_dist.data.local_s3 import SERVER_PIDS, local_s3_server
 
+    tmp_plain = tempfile.TemporaryDirectory(prefix="mindeye_bench_plain_")
     try:
         with local_s3_server(separate_process=separate_server) as endpoint:
             fs = s3_filesystem(endpoint)
@@ -130,11 +151,15 @@ def run_benchmark(data_dir: Optional[str] = None, preset: str = "demo", num_work
             fs.put(data_dir.rstrip("/") + "/", "bench/data/", recursive=True)
             result["upload_s"] = time.perf_counter() - t
             variants = {"local": (DataConfig(url=data_dir, **base), {}, None)}
+            if unverified:
+                plain = _unverified_copy(data_dir, os.path.join(tmp_plain.name, "data"))
+                variants["local:unverified"] = (DataConfig(url=plain, **base), {}, None)
             s3_cfg = DataConfig(url="s3://bench/data", s3_endpoint=endpoint, **base)
             for reader in s3_readers:
                 variants[f"s3:{reader}"] = (s3_cfg, {"MINDEYE_S3_READER": reader}, SERVER_PIDS.get(endpoint))
             result["variants"] = _interleaved(variants, batch_size, repeats, bytes_per_sample)
     finally:
+        tmp_plain.cleanup()
         if tmp is not None:
             tmp.cleanup()
     result["local"] = result["variants"]["local"]
