@@ -127,6 +127,11 @@ class TrainLoader:
         """Shards and samples skipped under data.on_corrupt=skip: ``loader.skipped.counts()``."""
         self._shapes = P.expected_shapes(meta, self.split)
 
+    @property
+    def corrupt_shards(self) -> int:
+        """Distinct shards this rank skipped so far (``skipped.counts()`` adds samples, names and ranks)."""
+        return self.skipped.counts().shards
+
     # ------------------------------------------------------------------ planning
     def _rank_range(self, epoch: int) -> tuple[list, int, int]:
         """(shards in the epoch order, first and end sample of this rank in that sequence)."""
@@ -243,6 +248,11 @@ class EvalLoader:
         self.skipped = SkipCounter(self.split, self.skip_shards)
         """Shards and samples skipped under data.on_corrupt=skip: ``loader.skipped.counts()``."""
         self._shapes = P.expected_shapes(meta, self.split)
+
+    @property
+    def corrupt_shards(self) -> int:
+        """Distinct shards this rank skipped so far (``skipped.counts()`` adds samples, names and ranks)."""
+        return self.skipped.counts().shards
 
     def __len__(self) -> int:
         return -(-(self.hi - self.lo) // self.batch_size)
