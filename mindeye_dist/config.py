@@ -81,7 +81,8 @@ class DataConfig:
     resampled: bool = False
     """Draw shards with replacement (infinite stream) instead of exact epochs."""
     on_corrupt: Literal["fail", "skip"] = "fail"
-    """A truncated or corrupt shard: fail naming the shard, or skip it with a warning and count it."""
+    """A missing, truncated or corrupt shard (wrong size, checksum mismatch) or a sample with NaN/inf
+    or misshapen arrays: fail naming it, or skip it with a warning and count it (loader.skipped)."""
     s3_endpoint: str = ""
     """S3 endpoint URL; empty means the standard AWS_ENDPOINT_URL environment variable or AWS default."""
     n_voxels: Optional[int] = None

@@ -126,8 +126,9 @@ def test_corrupt_shard_fail_names_it(tmp_path, how):
     meta = build_synthetic_dataset("tiny", str(tmp_path / "ds"), max_samples_per_shard=20, progress=False)
     bad = meta.splits["test"].shards[1].name
     _damage(tmp_path / "ds" / bad, how)
-    with pytest.raises(CorruptShardError, match=bad):
+    with pytest.raises(CorruptShardError, match=bad) as err:
         list(build_eval_loader(DataConfig(url=str(tmp_path / "ds")), "test", 8))
+    assert "rebuild the dataset" in str(err.value) and "data.on_corrupt=skip" in str(err.value)
 
 
 def test_corrupt_shard_skip_counts_and_keeps_ranks_equal(tmp_path):
@@ -138,11 +139,13 @@ def test_corrupt_shard_skip_counts_and_keeps_ranks_equal(tmp_path):
     total_skipped = 0
     for rank in range(2):
         loader = build_train_loader(cfg, 8, seed=0, rank=rank, world_size=2)
-        with pytest.warns(RuntimeWarning, match="skipping corrupt shard") if rank == 0 else _maybe_warn():
+        with pytest.warns(RuntimeWarning, match="skipping shard train-000002.tar") if rank == 0 else _maybe_warn() as rec:
             batches = list(loader.epoch_batches(0))
+        if rank == 0:  # already skipping: the warning must not tell you to set skip
+            assert not any("set data.on_corrupt=skip" in str(w.message) for w in rec)
         counts.append(len(batches))
         assert all(len(b) == 8 for b in batches)
-        total_skipped += loader.corrupt_shards
+        total_skipped += loader.skipped.counts().shards
     assert counts[0] == counts[1] == loader.batches_per_epoch
     assert total_skipped == 1  # the damaged shard lies in exactly one rank's range
     ev = build_eval_loader(cfg, "train", 8)
@@ -150,7 +153,7 @@ def test_corrupt_shard_skip_counts_and_keeps_ranks_equal(tmp_path):
 
     with w.catch_warnings(record=True):
         n = sum(len(b) for b in ev)
-    assert ev.corrupt_shards == 1 and n < meta.splits["train"].count
+    assert ev.skipped.counts().shard_names == (meta.splits["train"].shards[2].name,) and n < meta.splits["train"].count
 
 
 class _maybe_warn:

@@ -1,5 +1,6 @@
 """Write shards, read every sample back bit-for-bit, locally and through a real S3 server."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -30,17 +31,17 @@ def _check_bit_exact(meta):
     for name, split in meta.splits.items():
         rows = []
         for shard in split.shards:
-            seg = P.Segment(meta.shard_url(shard), shard.name, 0, shard.count, shard.count, meta.s3_endpoint)
+            seg = P.Segment(meta.shard_url(shard), shard.name, 0, shard.count, shard.count, meta.s3_endpoint, shard.sha256)
             for raw in P.shard_samples(seg, split.fields):
                 s = P.decode_sample(raw)
-                r = s["ids"]["index"]
+                r = s["json"]["index"]
                 rows.append(r)
                 a = src[name]
-                assert s["voxels"].dtype == np.float16
-                np.testing.assert_array_equal(s["voxels"].view(np.uint16), a["voxels"][r].astype(np.float16).view(np.uint16))
-                np.testing.assert_array_equal(s["targets"].view(np.uint16), a["clip"][r].astype(np.float16).view(np.uint16))
-                np.testing.assert_array_equal(s["vae"], a["vae"][r].astype(np.float16))
-                np.testing.assert_array_equal(s["image"], a["images"][r])
+                assert s["voxels.npy"].dtype == np.float16
+                np.testing.assert_array_equal(s["voxels.npy"].view(np.uint16), a["voxels"][r].astype(np.float16).view(np.uint16))
+                np.testing.assert_array_equal(s["targets.npy"].view(np.uint16), a["clip"][r].astype(np.float16).view(np.uint16))
+                np.testing.assert_array_equal(s["vae.npy"], a["vae"][r].astype(np.float16))
+                np.testing.assert_array_equal(s["png"], a["images"][r])
         assert rows == sorted(rows) and len(rows) == split.count  # row order inside a split
     assert set(meta.splits) == {"train", "val", "test"}
 
@@ -108,6 +109,10 @@ def test_file_url_and_meta_contents(tmp_path):
     raw = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert raw["format_version"] == 1 and raw["command"]
     assert [s["count"] for s in raw["splits"]["train"]["shards"]] == [s.count for s in meta.splits["train"].shards]
+    for split in raw["splits"].values():  # the checksum is of the file as placed (sha256sum would agree)
+        for shard in split["shards"]:
+            data = (tmp_path / "ds" / shard["name"]).read_bytes()
+            assert shard["sha256"] == hashlib.sha256(data).hexdigest() and shard["bytes"] == len(data)
     assert raw["fields"]["voxels"]["dtype"] == "float16" and raw["voxel_stats"]["file"] == "stats.npz"
     assert 0 < raw["retrieval_ceiling"]["image_top1"] <= 1
     assert "secret" not in json.dumps(raw).lower() and "testing" not in json.dumps(raw)

@@ -1,22 +1,24 @@
-"""The loader's S3 shard reader: signed GETs streamed by a background thread, one shard ahead.
+"""The loader's S3 shard reader: botocore get_object streamed by a background thread, one shard ahead.
 
 Against the loopback moto server (tests/s3_server.py): the bytes equal the object in both read
-paths, a broken connection is resumed from the byte reached, errors name the shard but never
-the signed URL, and streams closed early (or prefetched and never used) stop their threads.
+paths, a broken connection is resumed from the byte reached, errors are classified by botocore's
+S3 error codes (not message text) and never carry credentials, botocore's signing lines are
+redacted in logs, and streams closed early (or prefetched and never used) stop their threads.
 """
 
+import logging
 import os
 import threading
 
 import pytest
 
 from mindeye_dist.data import pipeline as P
-from mindeye_dist.data import storage
-from mindeye_dist.data.errors import DataError, StorageError
+from mindeye_dist.data import s3
+from mindeye_dist.data.errors import CorruptShardError, DataError, StorageError
 from mindeye_dist.data.storage import open_shard, s3_filesystem
 from mindeye_dist.distributed import free_port
 
-SIZE = 3 * storage._HTTP_CHUNK + 12345  # several pieces and a partial last one
+SIZE = 3 * s3.CHUNK + 12345  # several pieces and a partial last one
 
 
 @pytest.fixture
@@ -30,9 +32,9 @@ def _reader_threads() -> list:
     return [t for t in threading.enumerate() if t.name.startswith("s3-read-") and t.is_alive()]
 
 
-@pytest.mark.parametrize("mode", ["http", "s3fs"])
+@pytest.mark.parametrize("mode", ["botocore", "s3fs"])
 def test_bytes_match_the_object(s3_server, blob, monkeypatch, mode):
-    monkeypatch.setenv(storage._S3_READER_ENV, mode)
+    monkeypatch.setenv(s3.READER_ENV, mode)
     url, data = blob
     f = open_shard(url, s3_server.endpoint)
     got = b"".join(iter(lambda: f.read(100_003), b""))
@@ -40,66 +42,95 @@ def test_bytes_match_the_object(s3_server, blob, monkeypatch, mode):
     assert got == data
 
 
-def test_http_path_is_used_by_default(s3_server, blob, monkeypatch):
-    monkeypatch.delenv(storage._S3_READER_ENV, raising=False)
-    calls = []
-    real = storage._S3HttpGetter.get
-    monkeypatch.setattr(storage._S3HttpGetter, "get", lambda self, u, offset=0: calls.append(offset) or real(self, u, offset))
-    url, data = blob
-    with open_shard(url, s3_server.endpoint) as f:
-        assert f.read() == data
-    assert calls == [0]
-
-
 def test_connection_dropped_mid_body_is_resumed(s3_server, blob, monkeypatch):
-    """The first response dies after two pieces; the reader asks again from that byte on."""
-    import urllib3
+    """The first body dies after two pieces (as botocore reports a broken stream); the reader
+    asks again from that byte on, by default through botocore."""
+    from botocore.exceptions import ResponseStreamingError
 
-    monkeypatch.delenv(storage._S3_READER_ENV, raising=False)
+    monkeypatch.delenv(s3.READER_ENV, raising=False)
     offsets = []
-    real = storage._S3HttpGetter.get
+    real = s3.get_body
 
     class Dying:
-        def __init__(self, resp):
-            self.resp, self.reads = resp, 0
+        def __init__(self, body):
+            self.body, self.reads = body, 0
 
         def read(self, n):
             self.reads += 1
             if self.reads > 2:
-                raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")
-            return self.resp.read(n)
+                raise ResponseStreamingError(error="Connection broken: IncompleteRead")
+            return self.body.read(n)
 
         def close(self):
-            self.resp.close()
+            self.body.close()
 
-        def release_conn(self):
-            self.resp.release_conn()
-
-    def get(self, u, offset=0):
+    def get_body(url, endpoint, offset=0):
         offsets.append(offset)
-        resp = real(self, u, offset)
-        return Dying(resp) if offset == 0 else resp
+        body = real(url, endpoint, offset)
+        return Dying(body) if offset == 0 else body
 
-    monkeypatch.setattr(storage._S3HttpGetter, "get", get)
+    monkeypatch.setattr(s3, "get_body", get_body)
     url, data = blob
     with open_shard(url, s3_server.endpoint) as f:
         assert f.read() == data
-    assert offsets == [0, 2 * storage._HTTP_CHUNK]
+    assert offsets == [0, 2 * s3.CHUNK]
 
 
-def test_missing_object_is_not_found(s3_server, s3_bucket):
+def test_missing_object_is_a_missing_shard(s3_server, s3_bucket):
     seg = P.Segment(f"{s3_bucket}/nope.tar", "nope.tar", 0, 1, 1, s3_server.endpoint)
-    with pytest.raises(DataError, match="not found"):
-        list(P.shard_samples(seg, ["vox"]))
+    with pytest.raises(CorruptShardError, match="nope.tar listed in meta.json is missing") as err:
+        list(P.shard_samples(seg, ["voxels"]))
+    assert isinstance(err.value, DataError) and "NoSuchKey" in str(err.value)
 
 
-def test_unreachable_endpoint_does_not_leak_the_signed_url(s3_server, blob):
+def test_unreachable_endpoint_does_not_leak_credentials(s3_server, blob):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     seg = P.Segment(blob[0], "obj.bin", 0, 1, 1, endpoint)
     with pytest.raises(StorageError, match="unreachable") as err:
-        list(P.shard_samples(seg, ["vox"]))
+        list(P.shard_samples(seg, ["voxels"]))
     text = str(err.value) + repr(err.value.__cause__)
-    assert "X-Amz-Signature" not in text and "Credential" not in text and "testing" not in text
+    assert "Signature" not in text and "Credential" not in text and "testing" not in text
+
+
+def test_errors_are_classified_by_s3_codes(s3_server, s3_bucket, blob):
+    """Real answers of the server, classified by botocore exception type and S3 error code."""
+    from botocore.exceptions import ClientError
+
+    client = s3.client(s3_server.endpoint)
+    with pytest.raises(ClientError) as no_key:
+        client.get_object(Bucket=s3_bucket[5:], Key="nope")
+    with pytest.raises(ClientError) as no_bucket:
+        client.get_object(Bucket="no-such-bucket-here", Key="k")
+    assert (s3.error_code(no_key.value), s3.error_code(no_bucket.value)) == ("NoSuchKey", "NoSuchBucket")
+    assert s3.classify_error(no_key.value) == s3.classify_error(no_bucket.value) == "not_found"
+    assert s3.head_object_size(f"{s3_bucket}/nope", s3_server.endpoint) is None
+    assert s3.head_object_size(blob[0], s3_server.endpoint) == SIZE
+    # the message text plays no part: a misleading message keeps its code's class
+    fake = ClientError({"Error": {"Code": "AccessDenied", "Message": "connection refused; NoSuchKey"}}, "GetObject")
+    assert s3.classify_error(fake) == "access" and "connection refused" not in s3.describe_error(fake)
+    wrapped = PermissionError("x")  # what s3fs raises, with the ClientError as its cause
+    wrapped.__cause__ = ClientError({"Error": {"Code": "SignatureDoesNotMatch"}}, "ListObjectsV2")
+    assert s3.classify_error(wrapped) == "access"
+
+
+def test_wrong_credentials_are_access_errors(s3_server, blob, s3_auth_enforced):
+    from botocore.exceptions import ClientError
+
+    seg = P.Segment(blob[0], "obj.bin", 0, 1, 1, s3_server.endpoint)
+    with pytest.raises(StorageError, match="invalid credentials") as err:
+        list(P.shard_samples(seg, ["voxels"]))
+    assert "testing" not in str(err.value) and "InvalidAccessKeyId" in str(err.value)
+    assert isinstance(err.value.__cause__, ClientError)
+
+
+def test_signing_material_is_redacted_from_botocore_logs(s3_server, blob, caplog):
+    url, data = blob
+    with caplog.at_level(logging.DEBUG, logger="botocore"):
+        body = s3.get_body(url, s3_server.endpoint)
+        assert body.read() == data
+    text = caplog.text
+    assert "Credential=<redacted>" in text  # the filter saw botocore's real request lines
+    assert "Credential=testing" not in text and "Signature=" not in text.replace("Signature=<redacted>", "")
 
 
 def test_early_close_and_unused_prefetch_stop_their_threads(s3_server, s3_bucket, monkeypatch):
@@ -115,24 +146,15 @@ def test_early_close_and_unused_prefetch_stop_their_threads(s3_server, s3_bucket
     opened = []
     real_open = P.open_shard
     monkeypatch.setattr(P, "open_shard", lambda u, e=None: opened.append(u) or real_open(u, e))
-    monkeypatch.setattr(P, "shard_samples", lambda seg, fields, stream=None: iter([{"seg": seg.name, "s": stream}]))
+    def one_sample(seg, fields, stream=None):
+        yield {"seg": seg.name, "s": stream, "__pos__": 0}
+
+    monkeypatch.setattr(P, "shard_samples", one_sample)
     segs = [P.Segment(f"{s3_bucket}/s{i}.bin", f"s{i}", 0, 1, 1, s3_server.endpoint) for i in range(4)]
-    gen = P.read_segments(segs, ["vox"], quota=None, on_corrupt="fail", corrupt_counter=None, refill=False)
+    gen = P.read_segments(segs, ["voxels"], quota=None, on_corrupt="fail", skips=None, refill=False)
     first = next(gen)
     assert first["seg"] == "s0" and first["s"] is None  # the first shard is opened by shard_samples itself
     assert opened == [f"{s3_bucket}/s{i}.bin" for i in range(1, 1 + P.PREFETCH_SHARDS)]
-    first_stream_threads = len(_reader_threads())
-    assert first_stream_threads >= 1
+    assert len(_reader_threads()) >= 1
     gen.close()
     assert not _reader_threads()
-
-
-def test_signed_query_is_redacted_from_urllib3_logs(caplog):
-    import logging
-
-    storage._redact_signed_urls_in_logs()
-    signed = "/b/k.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDEXAMPLE%2F20261125&X-Amz-Signature=abc123"
-    with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):
-        logging.getLogger("urllib3.connectionpool").warning("Retrying after %s: %s", "boom", signed)
-    assert "/b/k.tar?<signed query redacted>" in caplog.text
-    assert "AKIDEXAMPLE" not in caplog.text and "abc123" not in caplog.text

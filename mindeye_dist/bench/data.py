@@ -3,7 +3,7 @@
 Builds a synthetic dataset with MindEye1's per-sample sizes (15,724 voxels x 3 repetitions and
 257x768 targets, both float16 as the shard writer stores them, plus the synthetic subject's
 small image and VAE latents), then runs :func:`mindeye_dist.data.benchmark.run_benchmark` on it
-(full epochs of the real train loader, median of repeats, local then S3 through s3fs).
+(full epochs of the real train loader, local and S3 interleaved, median of repeats).
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@ shards are few; webdataset #75, #225):
    workers round-robin, so output batch ``i`` is batch ``i // K`` of worker ``i % K``: the
    stream is a fixed function of (seed, epoch, rank, world, K, B). (With K = 0 the rank reads
    in-process as one worker.)
-4. **Per worker:** read its segments -> shuffle buffer seeded by (seed, epoch, rank, worker) ->
-   drop the samples of already-consumed batches (resume; before decoding, so it is cheap) ->
-   decode -> batch -> z-score + repetition handling seeded by (seed, epoch, rank, output batch).
+4. **Per worker:** read its segments (ours: checksums verified while streaming, arrays checked
+   for shape and NaN/inf, bad shards/samples failed or skipped and replaced) -> webdataset's
+   shuffle buffer seeded by (seed, epoch, rank, worker) -> drop the samples of already-consumed
+   batches (resume; before the image decode, so it is cheap) -> webdataset's decode and batching
+   -> z-score + repetition handling seeded by (seed, epoch, rank, output batch).
 5. **Resume.** ``start_epoch, start_batch`` re-plans that epoch and has each worker skip its
    share of the first ``start_batch`` outputs, so the resumed stream equals the uninterrupted one
    from that point (tested); DataLoader workers are rotated so the round-robin resumes at
@@ -33,14 +35,16 @@ shards are few; webdataset #75, #225):
 
 A fresh DataLoader is made per epoch, so the epoch number reaches the workers with the dataset
 object (the role open_clip's SharedEpoch plays for persistent workers).
+
+Under ``data.on_corrupt=skip`` what was skipped is counted in shared memory across the workers:
+``loader.skipped.counts()`` (see integrity.SkipCounter).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
-from typing import Iterator, Optional
+from typing import Collection, Iterator, Optional
 
 import numpy as np
 import torch
@@ -49,6 +53,7 @@ import webdataset as wds
 from mindeye_dist.data import pipeline as P
 from mindeye_dist.data.batch import Batch
 from mindeye_dist.data.errors import DataError
+from mindeye_dist.data.integrity import SkipCounter
 from mindeye_dist.data.meta import DatasetMeta, read_meta
 from mindeye_dist.data.storage import set_process_s3_endpoint
 
@@ -86,12 +91,14 @@ class TrainLoader:
 
     ``iter(loader)`` runs from ``(start_epoch, start_batch)`` forever, epoch after epoch;
     ``epoch_batches(e)`` is a single epoch. After each yielded batch, ``position`` is the
-    ``(epoch, batch)`` to resume from; ``corrupt_shards`` counts shards skipped under
-    ``data.on_corrupt=skip`` (all workers).
+    ``(epoch, batch)`` to resume from. ``skipped.counts()`` says how many distinct shards and
+    samples were skipped under ``data.on_corrupt=skip`` (all workers; ``skip_shards``, from
+    :func:`~mindeye_dist.data.check_shards`, are never opened and count as skipped).
     """
 
     def __init__(self, meta: DatasetMeta, data_cfg, micro_batch_size: int, seed: int, rank: int, world_size: int,
-                 start_epoch: int = 0, start_batch: int = 0, split: Optional[str] = None, drop_last: bool = True) -> None:
+                 start_epoch: int = 0, start_batch: int = 0, split: Optional[str] = None, drop_last: bool = True,
+                 skip_shards: Collection[str] = ()) -> None:
         if micro_batch_size < 1:
             raise DataError(f"micro_batch_size={micro_batch_size} must be >= 1")
         self.meta, self.cfg = meta, data_cfg
@@ -115,11 +122,15 @@ class TrainLoader:
             raise DataError(f"start_batch={start_batch} is outside the epoch (0..{self.batches_per_epoch - 1})")
         self.position = (start_epoch, start_batch)
         self.mean, self.std = meta.voxel_stats()
-        self._corrupt = multiprocessing.get_context().Value("i", 0)
+        self.skip_shards = frozenset(skip_shards)
+        self.skipped = SkipCounter(self.split, self.skip_shards)
+        """Shards and samples skipped under data.on_corrupt=skip: ``loader.skipped.counts()``."""
+        self._shapes = P.expected_shapes(meta, self.split)
 
     @property
     def corrupt_shards(self) -> int:
-        return int(self._corrupt.value)
+        """Distinct shards this rank skipped so far (``skipped.counts()`` adds samples, names and ranks)."""
+        return self.skipped.counts().shards
 
     # ------------------------------------------------------------------ planning
     def _rank_range(self, epoch: int) -> tuple[list, int, int]:
@@ -143,7 +154,8 @@ class TrainLoader:
             while need > 0:
                 shard = self.split.shards[int(rng.integers(len(self.split.shards)))]
                 take = min(shard.count, need)
-                segs.append(P.Segment(self.meta.shard_url(shard), shard.name, 0, take, shard.count, self.meta.s3_endpoint))
+                segs.append(P.Segment(self.meta.shard_url(shard), shard.name, 0, take, shard.count, self.meta.s3_endpoint,
+                                      shard.sha256))
                 need -= take
             return P.WorkerPlan(tuple(segs), count, skip)
         ordered, lo, hi = self._rank_range(epoch)
@@ -161,23 +173,28 @@ class TrainLoader:
         b, cfg = self.batch_size, self.cfg
         quota = sum(s.take for s in plan.segments)
         shuffle_rng = random.Random(P.seed_for(self.seed, epoch, self.rank, worker, P.SHUFFLE))
-        pipeline = wds.DataPipeline(
+        stages = [
             # 1. this worker's exact share of the epoch: (shard, skip, take) segments
             lambda: list(plan.segments),
-            # 2. raw tar samples; a corrupt shard fails naming it, or is skipped + counted (on_corrupt)
-            lambda segs: P.read_segments(list(segs), self.split.fields, quota, cfg.on_corrupt, self._corrupt, refill=True),
-            # 3. sample shuffle buffer seeded by (seed, epoch, rank, worker)
-            lambda src: P.shuffle_buffer(src, cfg.shuffle_buffer, shuffle_rng),
-            # 4. resume: drop samples of batches consumed before the interruption, before decoding
-            lambda src: P.skip_samples(src, plan.skip_batches * b),
-            # 5. decode npy / png / json
-            lambda src: map(P.decode_sample, src),
-            # 6. group into micro-batches
-            lambda src: P.batched(src, b),
+            # 2. raw samples, checksums verified, arrays checked; a bad shard/sample fails naming it,
+            #    or is skipped, counted and replaced from this worker's share (on_corrupt=skip)
+            lambda segs: P.read_segments(list(segs), self.split.fields, quota, cfg.on_corrupt, self.skipped, refill=True,
+                                         shapes=self._shapes, preskipped=self.skip_shards),
+        ]
+        if cfg.shuffle_buffer > 1:
+            # 3. sample shuffle buffer seeded by (seed, epoch, rank, worker); filled before the first output
+            stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng))
+        stages += [
+            # 4. resume: drop samples of batches consumed before the interruption, before the image decode
+            wds.slice(plan.skip_batches * b, None),
+            # 5. decode png / json (arrays were decoded and checked in 2)
+            P.decode(),
+            # 6. group into micro-batches (lists; the last one of a drop_last=False epoch may be short)
+            wds.batched(b, collation_fn=None, partial=True),
             # 7. z-score with train stats, reduce repetitions (data.train_reps), to a torch Batch
             lambda src: self._collate_all(src, epoch, worker, n_workers, plan.skip_batches),
-        )
-        return iter(pipeline)
+        ]
+        return iter(wds.DataPipeline(*stages))
 
     def _collate_all(self, batches, epoch: int, worker: int, n_workers: int, first_local: int) -> Iterator[Batch]:
         for local, samples in enumerate(batches, start=first_local):
@@ -218,7 +235,8 @@ class EvalLoader:
     calling process (evaluation splits are small; row order is exact).
     """
 
-    def __init__(self, meta: DatasetMeta, data_cfg, split: str, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, meta: DatasetMeta, data_cfg, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                 skip_shards: Collection[str] = ()) -> None:
         if batch_size < 1:
             raise DataError(f"eval batch_size={batch_size} must be >= 1")
         self.meta, self.cfg, self.batch_size = meta, data_cfg, batch_size
@@ -226,11 +244,15 @@ class EvalLoader:
         n = self.split.count
         self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
         self.mean, self.std = meta.voxel_stats()
-        self._corrupt = multiprocessing.get_context().Value("i", 0)
+        self.skip_shards = frozenset(skip_shards)
+        self.skipped = SkipCounter(self.split, self.skip_shards)
+        """Shards and samples skipped under data.on_corrupt=skip: ``loader.skipped.counts()``."""
+        self._shapes = P.expected_shapes(meta, self.split)
 
     @property
     def corrupt_shards(self) -> int:
-        return int(self._corrupt.value)
+        """Distinct shards this rank skipped so far (``skipped.counts()`` adds samples, names and ranks)."""
+        return self.skipped.counts().shards
 
     def __len__(self) -> int:
         return -(-(self.hi - self.lo) // self.batch_size)
@@ -243,12 +265,13 @@ class EvalLoader:
         pipeline = wds.DataPipeline(
             # 1. this rank's rows, shards in index order (= row order)
             lambda: segs,
-            # 2. raw samples; corrupt shards fail or are skipped + counted (no refill in evaluation)
-            lambda s: P.read_segments(list(s), self.split.fields, None, self.cfg.on_corrupt, self._corrupt, refill=False),
-            # 3. decode
-            lambda src: map(P.decode_sample, src),
+            # 2. raw samples, verified and checked; bad shards/samples fail or are skipped + counted (no refill)
+            lambda s: P.read_segments(list(s), self.split.fields, None, self.cfg.on_corrupt, self.skipped, refill=False,
+                                      shapes=self._shapes, preskipped=self.skip_shards),
+            # 3. decode png / json
+            P.decode(),
             # 4. batch (the last one may be short)
-            lambda src: P.batched(src, self.batch_size),
+            wds.batched(self.batch_size, collation_fn=None, partial=True),
             # 5. z-score, mean of repetitions, to a torch Batch
             lambda src: (P.collate(x, self.mean, self.std, "mean", rng, 0) for x in src),
         )
@@ -257,17 +280,19 @@ class EvalLoader:
 
 def build_train_loader(data_cfg, micro_batch_size: int, seed: int, rank: Optional[int] = None, world_size: Optional[int] = None,
                        start_epoch: int = 0, start_batch: int = 0, *, split: Optional[str] = None, drop_last: bool = True,
-                       meta: Optional[DatasetMeta] = None) -> TrainLoader:
-    """Training stream for this rank (rank/world from torch.distributed or RANK/WORLD_SIZE when None)."""
+                       meta: Optional[DatasetMeta] = None, skip_shards: Collection[str] = ()) -> TrainLoader:
+    """Training stream for this rank (rank/world from torch.distributed or RANK/WORLD_SIZE when None).
+    ``skip_shards``: shard names never to open (``check_shards(...).skip_shards`` under on_corrupt=skip)."""
     rank, world_size = _rank_world(rank, world_size)
     meta = meta or read_meta(data_cfg.url, data_cfg.s3_endpoint or None)
     meta.check_config(data_cfg)
-    return TrainLoader(meta, data_cfg, micro_batch_size, seed, rank, world_size, start_epoch, start_batch, split, drop_last)
+    return TrainLoader(meta, data_cfg, micro_batch_size, seed, rank, world_size, start_epoch, start_batch, split, drop_last,
+                       skip_shards)
 
 
 def build_eval_loader(data_cfg, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                      meta: Optional[DatasetMeta] = None) -> EvalLoader:
+                      meta: Optional[DatasetMeta] = None, skip_shards: Collection[str] = ()) -> EvalLoader:
     """A split in row order with repetitions averaged (for retrieval evaluation)."""
     meta = meta or read_meta(data_cfg.url, data_cfg.s3_endpoint or None)
     meta.check_config(data_cfg)
-    return EvalLoader(meta, data_cfg, split, batch_size, rank, world_size)
+    return EvalLoader(meta, data_cfg, split, batch_size, rank, world_size, skip_shards)

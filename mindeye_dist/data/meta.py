@@ -15,7 +15,8 @@ Schema (format_version 1)::
                  "ids": {"key": "json", "content": {"index": "row in the source split", "split": .., "subject": ..}}},
       "splits": {"train": {"count": N, "reps": R, "fields": ["voxels", "targets", ...],
                            "source_split": "train",
-                           "shards": [{"name": "train-000000.tar", "count": n, "bytes": b}, ...]},
+                           "shards": [{"name": "train-000000.tar", "count": n, "bytes": b,
+                                       "sha256": hex digest of the file}, ...]},
                  "val": {...}, "test": {...}},
       "val": {"fraction": 0.1, "seed": 0, "from_split": "train"},
       "voxel_stats": {"file": "stats.npz", "split": "train", "mean": "mean", "std": "std",
@@ -23,13 +24,17 @@ Schema (format_version 1)::
       "retrieval_ceiling": {...}   # synthetic datasets only, see SyntheticSubject.retrieval_ceiling
     }
 
-Voxel shape is ``[reps, V]`` per sample; ``reps`` may differ between splits.
+Voxel shape is ``[reps, V]`` per sample; ``reps`` may differ between splits. ``sha256`` was
+added without a version bump: datasets written before it still load, their shards unverified
+(one log line says so), and older readers ignore it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -42,6 +47,9 @@ FORMAT = "mindeye_dist.shards"
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 STATS_NAME = "stats.npz"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_NOTED_UNVERIFIED: set[str] = set()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,15 @@ class ShardInfo:
     """Samples in the shard."""
     bytes: int
     """Size of the shard file."""
+    sha256: Optional[str] = None
+    """SHA-256 of the shard file (hex), checked as loaders read it; None in datasets written
+    before checksums were recorded (read unverified)."""
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"name": self.name, "count": self.count, "bytes": self.bytes}
+        if self.sha256 is not None:
+            out["sha256"] = self.sha256
+        return out
 
 
 @dataclass(frozen=True)
@@ -150,7 +167,7 @@ def read_meta(url: str, s3_endpoint: Optional[str] = None) -> DatasetMeta:
                 count=int(s["count"]),
                 reps=int(s["reps"]),
                 fields=tuple(s["fields"]),
-                shards=tuple(ShardInfo(sh["name"], int(sh["count"]), int(sh["bytes"])) for sh in s["shards"]),
+                shards=tuple(_shard_info(sh) for sh in s["shards"]),
             )
             for name, s in raw["splits"].items()
         }
@@ -169,4 +186,16 @@ def read_meta(url: str, s3_endpoint: Optional[str] = None) -> DatasetMeta:
     for s in splits.values():
         if sum(sh.count for sh in s.shards) != s.count:
             raise DataError(f"{storage.child(META_NAME)}: split {s.name!r} shard counts do not add up to {s.count}; rebuild")
+    unverified = sum(sh.sha256 is None for s in splits.values() for sh in s.shards)
+    if unverified and storage.url not in _NOTED_UNVERIFIED:
+        _NOTED_UNVERIFIED.add(storage.url)
+        log.warning("%s: %d shard(s) have no checksum in meta.json (written before checksums were recorded) and are read "
+                    "unverified; rebuild with launchers/prepare_data.py to verify them", storage.url, unverified)
     return meta
+
+
+def _shard_info(entry: dict) -> ShardInfo:
+    digest = entry.get("sha256")
+    if digest is not None and not (isinstance(digest, str) and _SHA256_HEX.match(digest)):
+        raise ValueError(f"shard {entry.get('name')!r} has a malformed sha256 {digest!r}")
+    return ShardInfo(str(entry["name"]), int(entry["count"]), int(entry["bytes"]), digest)

@@ -1,27 +1,24 @@
 """Dataset locations: a local path, ``file://...`` or ``s3://bucket/prefix``, behind one small API.
 
-S3 goes through s3fs. Endpoint: the explicit argument (``DataConfig.s3_endpoint`` or CLI
+On S3, listing, metadata and writes go through s3fs; shard bytes stream through botocore
+(s3.py, the webdataset ``gopen`` handler registered for ``s3://`` here: webdataset 1.x has no s3
+scheme of its own). Endpoint: the explicit argument (``DataConfig.s3_endpoint`` or CLI
 ``--s3-endpoint``), else the standard ``AWS_ENDPOINT_URL`` environment variable, else AWS.
 Credentials come only from the standard AWS sources (environment, config files, instance
-roles) via botocore; they are never passed around, logged or put into error messages.
+roles) via botocore; they are never passed around, logged or put into error messages. Errors are
+classified by exception type and S3 error code (:func:`s3.classify_error`), never by message.
 
 s3fs is not fork-safe (fsspec/s3fs #914, filesystem_spec #755), so there is one
-``S3FileSystem`` per process and endpoint, created lazily in the process that uses it. The same
-rule backs the webdataset ``gopen`` handler registered for ``s3://`` (webdataset 1.x has no
-s3 scheme of its own).
+``S3FileSystem`` (and one botocore client) per process and endpoint, created lazily in the
+process that uses it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
-import queue
-import re
 import shutil
-import threading
-import time
 import uuid
 from pathlib import Path
 from typing import IO, Iterator, Optional
@@ -29,12 +26,15 @@ from typing import IO, Iterator, Optional
 import webdataset as wds
 
 from mindeye_dist.data.errors import DataError, StorageError
+from mindeye_dist.data.s3 import PipelinedReader, classify_error, describe_error, head_object_size
 
-log = logging.getLogger(__name__)
+__all__ = ["Storage", "classify_error", "describe_error", "gopen_s3", "head_object_size", "is_s3", "open_shard",
+           "resolve_endpoint", "s3_filesystem", "set_process_s3_endpoint", "storage_errors", "wait_open"]
 
 _S3_FILESYSTEMS: dict[tuple[int, Optional[str]], object] = {}
 _PROCESS_ENDPOINT: dict[str, Optional[str]] = {"endpoint": None}
-_READ_BLOCK = 8 << 20  # 8 MB readahead blocks: S3 guidance is 8-16 MB range GETs (perf notes A3)
+# 8 MB readahead blocks (AWS, "Best practices design patterns: optimizing Amazon S3 performance": 8-16 MB ranges)
+_READ_BLOCK = 8 << 20
 
 
 def is_s3(url: str) -> bool:
@@ -70,7 +70,7 @@ def set_process_s3_endpoint(endpoint: Optional[str]) -> None:
 
 
 def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, endpoint: Optional[str] = None, **kw) -> IO[bytes]:
-    """webdataset gopen handler for ``s3://``: a :class:`PipelinedReader` (its thread starts
+    """webdataset gopen handler for ``s3://``: an :class:`s3.PipelinedReader` (its thread starts
     downloading at once). Endpoint: the ``endpoint`` keyword, else the process default, else
     AWS_ENDPOINT_URL."""
     if mode not in ("rb",):
@@ -80,262 +80,6 @@ def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, endpoint: Optional
 
 
 wds.gopen_schemes["s3"] = gopen_s3
-
-
-_HTTP_CHUNK = 1 << 20
-"""Bytes per read of a plain GET's body: 8 MB reads cost 2.5x the CPU per MB of 1 MB ones on
-the CI machine (each is a fresh mmapped buffer, page-faulted and zeroed); 256 KB was no cheaper."""
-_S3_GETTERS: dict[tuple[int, Optional[str]], "_S3HttpGetter"] = {}
-_S3_READER_ENV = "MINDEYE_S3_READER"
-"""``http`` (default): shard bytes via presigned GETs on urllib3; ``s3fs``: through s3fs."""
-_FALLBACK_CODES = ("PermanentRedirect", "AuthorizationHeaderMalformed", "AuthorizationQueryParametersError",
-                   "IllegalLocationConstraintException", "TemporaryRedirect")
-
-
-class _UseS3fs(Exception):
-    """The presigned GET cannot work here (a bucket in another region): read through s3fs."""
-
-
-class _S3HttpGetter:
-    """Shard bytes over plain HTTP: botocore signs a GET URL (the standard AWS credential chain,
-    as s3fs uses), urllib3 streams the body into preallocated buffers.
-
-    Why not s3fs for the bulk bytes: on the 2-core CI machine s3fs spent 1.4-1.6 ms of client CPU
-    per MB, this path 0.4 (1 MB reads; moto on 127.0.0.1, 4 MB shards); in a loader worker that
-    CPU is taken from decoding. s3fs still
-    does everything else (listing, metadata, writes). The signed URL carries a signature (and an
-    STS token if one is in use): it is never put into an error message or a log line.
-    """
-
-    def __init__(self, endpoint: Optional[str]) -> None:
-        import botocore.session
-        import urllib3
-        from botocore.config import Config
-
-        cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"} if endpoint else {})
-        self.endpoint = endpoint
-        self.client = botocore.session.get_session().create_client("s3", endpoint_url=endpoint, config=cfg)
-        # No urllib3 retries: its retry warnings quote the signed URL. get() retries itself.
-        self.pool = urllib3.PoolManager(num_pools=4, maxsize=4, retries=False,
-                                        timeout=urllib3.Timeout(connect=5.0, read=60.0))
-        _redact_signed_urls_in_logs()
-
-    def get(self, url: str, offset: int = 0, attempts: int = 3):
-        """An open urllib3 response for ``s3://bucket/key`` from byte ``offset``; a refused or
-        dropped connection and 5xx answers are tried ``attempts`` times in all."""
-        import urllib3
-
-        bucket, _, key = url[len("s3://"):].partition("/")
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        failure = ""
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(0.2 * 2 ** (attempt - 1))
-            signed = self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=3600)
-            try:
-                resp = self.pool.request("GET", signed, headers=headers, preload_content=False, redirect=False)
-            except urllib3.exceptions.HTTPError as err:
-                # urllib3's messages quote the signed URL: keep only the kind of failure
-                reason = getattr(err, "reason", None) or err
-                failure = type(reason).__name__
-                continue
-            if resp.status in (500, 502, 503, 504) and attempt + 1 < attempts:
-                resp.close()
-                continue
-            break
-        else:
-            # raised outside the except block, so no exception context carries the URL along
-            raise ConnectionError(f"could not connect to the S3 endpoint for {url}: {failure} ({attempts} attempts)")
-        if resp.status == 206 or (resp.status == 200 and not offset):
-            return resp
-        if resp.status == 200:  # a resume got the whole object again: the bytes would repeat
-            resp.close()
-            raise OSError(f"{url}: the server ignored the Range header of a resumed read")
-        body = resp.read(4096, decode_content=True)
-        resp.close()
-        code = _xml_field(body, "Code") or f"HTTP {resp.status}"
-        if resp.status == 404:
-            raise FileNotFoundError(f"{url}: {code}")
-        if resp.status == 403:
-            raise PermissionError(f"{url}: {code} (AccessDenied)")
-        if resp.status in (301, 307, 400) and code in _FALLBACK_CODES:
-            raise _UseS3fs(code)
-        raise OSError(f"{url}: {code} (HTTP {resp.status})")
-
-
-class _RedactSignedUrl(logging.Filter):
-    """Replaces the query of a signed URL (signature, credential scope, STS token) in a log record."""
-
-    _QUERY = re.compile(r"\?[^\s'\"]*X-Amz-[^\s'\"]*")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if "X-Amz-" in text:
-            record.msg, record.args = self._QUERY.sub("?<signed query redacted>", text), ()
-        return True
-
-
-def _redact_signed_urls_in_logs() -> None:
-    for name in ("urllib3.connectionpool", "urllib3.connection", "urllib3.util.retry", "urllib3.response"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _RedactSignedUrl) for f in logger.filters):
-            logger.addFilter(_RedactSignedUrl())
-
-
-def _xml_field(body: bytes, name: str) -> Optional[str]:
-    text = body.decode("utf-8", errors="replace")
-    start = text.find(f"<{name}>")
-    end = text.find(f"</{name}>", start + 1)
-    return text[start + len(name) + 2:end].strip() if start >= 0 and end > start else None
-
-
-def _http_getter(endpoint: Optional[str]) -> Optional[_S3HttpGetter]:
-    """This process's getter (None when MINDEYE_S3_READER=s3fs or after a fallback)."""
-    if os.environ.get(_S3_READER_ENV, "http") == "s3fs":
-        return None
-    key = (os.getpid(), endpoint)
-    if key not in _S3_GETTERS:
-        _S3_GETTERS[key] = _S3HttpGetter(endpoint)
-    return _S3_GETTERS[key]
-
-
-class PipelinedReader(io.RawIOBase):
-    """An S3 object read by a background thread in 1 MB pieces, at most ``ahead_bytes`` ahead
-    of the consumer.
-
-    The loader's workers decode one shard while the next one's bytes arrive (the loader opens
-    the next shard as it starts one, ``pipeline.PREFETCH_SHARDS``): without it every GET's
-    latency stalls the worker, which measured 0.66 s of waiting per epoch of 58 shards on a
-    loopback server, and real S3's first byte takes tens of milliseconds. The bytes come through
-    :class:`_S3HttpGetter` (a signed GET on urllib3, about half of s3fs's CPU per MB), or through
-    s3fs when ``MINDEYE_S3_READER=s3fs`` or the signed GET cannot work (a bucket in another
-    region). Errors in the thread are raised by the consumer's next read; :meth:`wait_open`
-    raises the opening's (not found, denied) where the caller classifies them.
-    """
-
-    def __init__(self, url: str, endpoint: Optional[str], chunk: int = _READ_BLOCK, ahead_bytes: int = 16 << 20) -> None:
-        super().__init__()
-        # pieces are _HTTP_CHUNK (plain GETs) or ``chunk`` bytes (s3fs): about ahead_bytes either way
-        self._queue: queue.Queue = queue.Queue(maxsize=max(2, ahead_bytes // _HTTP_CHUNK))
-        self._stop = threading.Event()
-        self._opened = threading.Event()
-        self._open_error: Optional[BaseException] = None
-        self._buf = memoryview(b"")
-        self._eof = False
-        self._thread = threading.Thread(target=self._run, args=(url, endpoint, chunk), daemon=True,
-                                        name=f"s3-read-{url.rsplit('/', 1)[-1]}")
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, url: str, endpoint: Optional[str], chunk: int) -> None:
-        getter = None
-        try:
-            getter = _http_getter(endpoint)
-            if getter is not None:
-                try:
-                    resp = getter.get(url)
-                except _UseS3fs as why:
-                    log.warning("presigned GETs do not work for %s (%s): this process reads S3 through s3fs", url, why)
-                    _S3_GETTERS[(os.getpid(), endpoint)] = None  # type: ignore[assignment]
-                    getter = None
-            if getter is None:
-                f = s3_filesystem(endpoint).open(url, "rb", block_size=chunk, cache_type="readahead")
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            self._open_error = err
-            self._opened.set()
-            return
-        self._opened.set()
-        try:
-            if getter is None:
-                with f:
-                    while not self._stop.is_set():
-                        data = f.read(_HTTP_CHUNK)
-                        if not self._put(data) or not data:
-                            return
-            else:
-                self._stream_http(getter, resp, url)
-        except BaseException as err:  # noqa: BLE001 - raised by the consumer's next read
-            self._put(err)
-
-    def _stream_http(self, getter: "_S3HttpGetter", resp, url: str, resumes: int = 2) -> None:
-        """The body in ``_HTTP_CHUNK`` pieces into the queue; a connection dropped mid-body is
-        resumed from the byte reached (a ranged GET), at most ``resumes`` times."""
-        import urllib3
-
-        offset, finished = 0, False
-        try:
-            while not self._stop.is_set():
-                try:
-                    data = resp.read(_HTTP_CHUNK)
-                except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as err:
-                    resp.close()
-                    broke = type(err).__name__
-                else:
-                    broke = ""
-                if broke:
-                    if resumes <= 0:  # raised outside the except block: no context quoting the URL
-                        raise ConnectionError(f"reading {url} broke off at byte {offset}: {broke}")
-                    resumes -= 1
-                    resp = getter.get(url, offset)
-                    continue
-                if not self._put(data):
-                    return
-                if not data:
-                    finished = True
-                    return
-                offset += len(data)
-        finally:
-            if finished:
-                resp.release_conn()  # the connection goes back to the pool for the next shard
-            else:
-                resp.close()  # stopped mid-body: this connection cannot be reused
-
-    def wait_open(self) -> None:
-        self._opened.wait()
-        if self._open_error is not None:
-            raise self._open_error
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self.closed:
-            raise ValueError("read from a closed PipelinedReader")
-        while not self._buf:
-            if self._eof:
-                return 0
-            self.wait_open()
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._eof = True
-                raise item
-            if not item:
-                self._eof = True
-                return 0
-            self._buf = memoryview(item)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            self._stop.set()
-            while True:  # unblock a producer waiting on a full queue
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._thread.join(timeout=5)
-        super().close()
 
 
 def open_shard(url: str, endpoint: Optional[str] = None) -> IO[bytes]:
@@ -352,38 +96,35 @@ def wait_open(stream: IO[bytes]) -> None:
         raw.wait_open()
 
 
-def _describe_exception(err: BaseException) -> str:
-    """Short text of an exception chain (no credentials ever reach these messages)."""
-    parts = []
-    while err is not None and len(parts) < 3:
-        parts.append(f"{type(err).__name__}: {err}")
-        err = err.__cause__ or err.__context__
-    return " <- ".join(parts)
-
-
 @contextlib.contextmanager
 def storage_errors(url: str, action: str, endpoint: Optional[str] = None) -> Iterator[None]:
-    """Turn low-level I/O, botocore and s3fs errors into StorageError/DataError with a fix-it hint."""
+    """Turn I/O, botocore and s3fs errors into StorageError/DataError with a fix-it hint, by
+    exception type and S3 error code (:func:`s3.classify_error`)."""
     try:
         yield
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - classified below, re-raised with context
-        text = _describe_exception(err)
-        low = text.lower()
-        where = f"{url} (endpoint {endpoint or 'AWS default'})" if is_s3(url) else url
-        if any(s in low for s in ("could not connect", "connection refused", "endpointconnectionerror", "connecttimeout", "name or service not known", "connect timeout")):
+        kind, text = classify_error(err), describe_error(err)
+        if not is_s3(url):
+            if kind == "not_found":
+                raise DataError(f"cannot {action} {url}: not found ({text}). Check the path or run prepare_data.py first.") from err
+            if kind == "access":
+                raise StorageError(f"cannot {action} {url}: permission denied ({text}); check the file permissions") from err
+            raise StorageError(f"cannot {action} {url}: {text}") from err
+        where = f"{url} (endpoint {endpoint or 'AWS default'})"
+        if kind == "unreachable":
             raise StorageError(
                 f"cannot {action} {where}: the S3 endpoint is unreachable ({text}). "
                 "Check --s3-endpoint / data.s3_endpoint / AWS_ENDPOINT_URL and that the server is up."
             ) from err
-        if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "invalidclienttokenid", "access denied", "accessdenied", "forbidden", "permissionerror", "unable to locate credentials", "nocredentialserror")):
+        if kind == "access":
             raise StorageError(
-                f"cannot {action} {where}: access denied or invalid credentials ({type(err).__name__}). "
+                f"cannot {action} {where}: access denied or invalid credentials ({text}). "
                 "Check the standard AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
                 "~/.aws/credentials) and the bucket policy."
             ) from err
-        if isinstance(err, FileNotFoundError) or "nosuchbucket" in low or "nosuchkey" in low:
+        if kind == "not_found":
             raise DataError(f"cannot {action} {where}: not found ({text}). Check the URL or run prepare_data.py first.") from err
         raise StorageError(f"cannot {action} {where}: {text}") from err
 
@@ -446,6 +187,15 @@ class Storage:
             if self.remote:
                 return self._fs().open(self._key(name), "rb", block_size=_READ_BLOCK, cache_type="readahead")
             return open(self.child(name), "rb")
+
+    def list_sizes(self) -> dict[str, int]:
+        """Size of every object directly under an S3 root, from one listing (a request per
+        1,000 objects); {} if there is none. PermissionError where listing is not allowed."""
+        try:
+            entries = self._fs().ls(self.root, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e.get("type") == "file"}
 
     def list_names(self) -> list[str]:
         """File names directly under the root ([] if it does not exist)."""

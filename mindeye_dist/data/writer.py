@@ -8,6 +8,9 @@ One sample per stimulus, keyed ``{split}_{row:08d}``:
 - ``vae.npy``     float16 ``[4, h, w]`` (optional)
 - ``json``        ``{"index": row in the source split, "split": name, "subject": id}``
 
+meta.json records each shard's name, sample count, size and SHA-256 of its bytes (computed as
+they are written); loaders verify the checksum as they stream a shard (see integrity.py).
+
 Nothing is half-written: each shard is written under a temporary name and placed whole
 (``os.replace`` locally, one completed PUT on S3); ``meta.json`` is written after every shard and
 ``stats.npz`` are in place, and is deleted first when ``overwrite`` replaces a dataset. A failed
@@ -30,10 +33,11 @@ import numpy as np
 import webdataset as wds
 
 from mindeye_dist.data.errors import DataError
+from mindeye_dist.data.integrity import HashingWriter
 from mindeye_dist.data.meta import FORMAT, FORMAT_VERSION, META_NAME, STATS_NAME, DatasetMeta, ShardInfo, read_meta
 from mindeye_dist.data.storage import Storage
 
-DEFAULT_SHARD_SIZE_MB = 256.0  # real data: a few hundred MB per shard (perf notes A3)
+DEFAULT_SHARD_SIZE_MB = 256.0  # big sequential reads, few objects (webdataset docs, "Sharding": OpenImages uses ~1 GB shards)
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _ROWS_PER_CHUNK = 256
@@ -113,17 +117,20 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):06d}.tar"
         self._tmp_path = os.path.join(self.tmp_dir, f".{name}.partial-{os.getpid()}")
-        self._file = open(self._tmp_path, "wb")
+        self._file = HashingWriter(open(self._tmp_path, "wb"))  # the checksum of exactly the bytes written
         self._tar = wds.TarWriter(self._file, encoder=False)
         self._count = self._bytes = 0
 
     def _close_shard(self) -> None:
         name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._tar.close()  # also closes the file
+        self._tar.close()  # ends the archive; a passed-in file stays open
+        self._file.close()
         size = os.path.getsize(self._tmp_path)
+        if size != self._file.n_bytes:
+            raise DataError(f"{self._tmp_path}: {size} bytes on disk but {self._file.n_bytes} written; check the disk")
         self.storage.move_local_file(self._tmp_path, name)
         self.placed.append(name)
-        self.shards.append(ShardInfo(name, self._count, size))
+        self.shards.append(ShardInfo(name, self._count, size, self._file.hexdigest()))
         self._total += self._count
         self._tar = self._file = self._tmp_path = None
         if self.progress:
@@ -153,6 +160,7 @@ class ShardWriter:
         if self._tar is not None:
             try:
                 self._tar.close()
+                self._file.close()
             except Exception:  # noqa: BLE001 - best-effort cleanup
                 pass
         if self._tmp_path and os.path.exists(self._tmp_path):
@@ -250,7 +258,7 @@ def write_dataset(
                 "reps": int(src.voxels.shape[1]) if src.voxels.ndim == 3 else 1,
                 "fields": src.fields,
                 "source_split": src.source_split,
-                "shards": [{"name": s.name, "count": s.count, "bytes": s.bytes} for s in shards],
+                "shards": [s.to_json() for s in shards],
             }
         count, total, total_sq = stats
         mean = total / count
