@@ -129,7 +129,7 @@ def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str,
 def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_size: int, device: torch.device,
          watchdog: Optional[StallWatchdog]) -> dict[str, Any]:
     from mindeye_dist import hostmem
-    from mindeye_dist.data import build_train_loader, read_meta
+    from mindeye_dist.data import build_train_loader, check_shards, read_meta
     from mindeye_dist.data.subset import limit_split
     from mindeye_dist.ds_config import load_ds_config, resolve_ds_config, write_ds_config
     from mindeye_dist.faults import faults_from_env
@@ -146,13 +146,16 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
     meta.check_config(cfg.data)
     if cfg.data.train_subset is not None:
         meta = limit_split(meta, cfg.data.train_split, cfg.data.train_subset)
+    # Every shard present with its recorded size, before anything starts (a stat each, or one S3
+    # listing per 1,000): under data.on_corrupt=fail every rank raises the same list of bad shards.
+    shard_check = check_shards(meta, (cfg.data.train_split, cfg.data.val_split), on_corrupt=cfg.data.on_corrupt)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         write_ds_config(ds, run_dir / "ds_config.resolved.json")
     dims = ModelDims.from_meta(meta)
     trainer = Trainer(cfg, dims, rank=rank, world_size=world_size, device=device, ds_config=ds,
-                      faults=faults_from_env())
+                      faults=faults_from_env(), skip_shards=shard_check.skip_shards)
     ckpt_dir = run_dir / "checkpoints"
     resume_rng = None
     tag = ckpt.read_latest(ckpt_dir)
@@ -170,7 +173,7 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
 
     loader = build_train_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
                                 world_size=world_size, start_epoch=state.epoch, start_batch=state.batch_in_epoch,
-                                meta=meta)
+                                meta=meta, skip_shards=shard_check.skip_shards)
     trainer.attach_loader(loader)
     trainer.meter.flops_per_sample = _flops_per_sample(cfg, dims)
     trainer.meter.peak_flops = device_peak_flops(device, trainer.engine.dtype) if device.type == "cuda" else None
@@ -202,8 +205,8 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
         step = result.step
         is_last = step == total_steps
         if step % cfg.train.log_every_steps == 0 or is_last:
-            metrics = trainer.step_metrics(result)
-            metrics["data/skipped_shards"] = loader.corrupt_shards
+            metrics = trainer.step_metrics(result)  # collectives: every rank, same steps
+            metrics.update(loader.skipped.counts(across_ranks=True, device=device).as_metrics())
             report(metrics, step)
             bar.update(0, loss=metrics.get("loss/total"))
             bar.print_line(step, {k: metrics[k] for k in SHOWN if k in metrics})
@@ -229,9 +232,11 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
     loggers.close()
     if state.best_val:
         last.update({f"best/{k}": v for k, v in state.best_val.items() if isinstance(v, (int, float))})
-    last["data/skipped_shards"] = loader.corrupt_shards
+    counts = loader.skipped.counts(across_ranks=True, device=device)
+    last.update(counts.as_metrics())
     if rank == 0:
-        skipped = f", {loader.corrupt_shards} corrupt shard(s) skipped" if loader.corrupt_shards else ""
+        skipped = (f", skipped {counts.shards} corrupt shard(s) ({', '.join(counts.shard_names)}) and "
+                   f"{counts.samples} bad sample(s) (data.on_corrupt=skip)") if counts.shards or counts.samples else ""
         early = f", stopped early after {cfg.train.early_stop_patience} validations without improvement" \
             if stopped_early else ""
         best = f", best {state.best_val['metric']} {state.best_val['value']:.4f} at step {state.best_val['step']}" \

@@ -193,13 +193,15 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, dims: ModelDims, *, rank: int = 0, world_size: int = 1,
                  device: torch.device = torch.device("cpu"), ds_config: Optional[dict[str, Any]] = None,
-                 faults: Faults = NO_FAULTS, timer: Optional[PhaseTimer] = None, engine_options=None):
+                 faults: Faults = NO_FAULTS, timer: Optional[PhaseTimer] = None, engine_options=None,
+                 skip_shards: tuple = ()):
         from mindeye_dist.ds_config import load_ds_config, resolve_ds_config
         from mindeye_dist.engine import DeepSpeedEngine
         from mindeye_dist.losses import MindEyeLoss
         from mindeye_dist.metrics import ThroughputMeter
 
         self.cfg, self.dims = cfg, dims
+        self.skip_shards = tuple(skip_shards)  # found missing or short at start (data.on_corrupt=skip)
         self.rank, self.world_size, self.device = rank, world_size, device
         self.faults, self.timer = faults, timer or PhaseTimer()
         if ds_config is None:
@@ -332,7 +334,8 @@ class Trainer:
         split = split or cfg.data.val_split
         if split not in meta.splits or meta.split(split).count == 0:
             return {}
-        preds, targets = self.embed(build_eval_loader(cfg.data, split, batch_size=cfg.eval.batch_size, meta=meta))
+        preds, targets = self.embed(build_eval_loader(cfg.data, split, batch_size=cfg.eval.batch_size, meta=meta,
+                                                      skip_shards=self.skip_shards))
         self.engine.train()
         way = min(cfg.eval.retrieval_way, len(preds))
         res = retrieval_accuracy(preds, targets, way=way, loops=cfg.eval.retrieval_loops, seed=cfg.run.seed)

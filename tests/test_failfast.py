@@ -118,3 +118,39 @@ def test_one_process_listens_only_on_loopback():
     # on the loopback interface only.
     [result] = _ranks(1, 0)
     assert result["world"] == 1 and all(ip in ("127.0.0.1", "::1") for ip in result["listening"]), result
+
+
+def _damaged_copy(data_url, tmp_path) -> tuple[Path, str]:
+    """A copy of the dataset with one train shard cut in half."""
+    import json
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_url, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    shard = meta["splits"]["train"]["shards"][-1]["name"]
+    path = copy / shard
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return copy, shard
+
+
+def test_truncated_shard_fails_at_start_on_every_rank(tmp_path, data_url):
+    # Before: found only when the loader reached it (a short run exited 0), and on one rank only.
+    copy, shard = _damaged_copy(data_url, tmp_path)
+    proc = launch(tmp_path / "run", str(copy))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert shard in out and "bytes" in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_skipped_shards_are_counted_in_metrics_and_the_final_line(tmp_path, data_url):
+    import json
+
+    copy, shard = _damaged_copy(data_url, tmp_path)
+    proc = launch(tmp_path / "run", str(copy), "data.on_corrupt=skip", "train.max_steps=4", "train.log_every_steps=2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["data/skipped_shards"] == 1
+    assert f"skipped 1 corrupt shard(s) ({shard})" in out
