@@ -49,6 +49,8 @@ class TrainState:
     """Data epoch the next batch comes from."""
     batch_in_epoch: int = 0
     """Micro-batches this rank has consumed in ``epoch`` (the data position)."""
+    positions: list = field(default_factory=list)
+    """Multi-subject runs: the (epoch, batch) of each dataset's loader (its own exact epochs)."""
     skipped_steps: int = 0
     """Steps skipped because the loss or gradients were not finite on some rank."""
     consecutive_bad: int = 0

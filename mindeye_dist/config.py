@@ -62,6 +62,10 @@ class RunConfig:
 class DataConfig:
     url: str = ""
     """Dataset root written by prepare_data.py: a local path, file://... or s3://bucket/prefix."""
+    datasets: list[str] = field(default_factory=list)
+    """More datasets trained in the same run, one subject each (multi-subject pretraining): every
+    micro-batch then holds an equal share of each subject (data.url's included), and each
+    dataset's subject is routed to the adapter of that name in the model's subject table."""
     train_split: str = "train"
     """Split used for training."""
     val_split: str = "val"
@@ -200,6 +204,11 @@ class TrainConfig:
     """Evaluate retrieval on the validation split every this many steps; 0 disables."""
     max_bad_steps: int = 5
     """Abort after this many consecutive steps with NaN/inf loss or gradients (they are skipped)."""
+    init_from: str = ""
+    """Start from these weights instead of a fresh model: an export (.safetensors) or a run
+    directory (its best, else latest, checkpoint). Subject adapters the source lacks start fresh,
+    those the model does not have are dropped (MindEye2's fine-tune of a new subject); anything
+    else must match. A run that resumes from its own checkpoint ignores it."""
     early_stop_patience: int = 0
     """Stop after this many validations in a row without improving checkpoint.best_metric
     (0 = never; needs train.eval_every_steps > 0)."""

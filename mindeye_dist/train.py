@@ -15,6 +15,7 @@ tests comes from ``MINDEYE_FAULTS`` (:mod:`mindeye_dist.faults`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -69,6 +70,48 @@ def _flops_per_sample(cfg: ExperimentConfig, dims: ModelDims) -> Optional[float]
     except Exception as err:  # never fail a run over a metric
         log.warning("could not count FLOPs per sample (%s); TFLOP/s and MFU will not be logged", err)
         return None
+
+
+def _datasets(cfg: ExperimentConfig) -> tuple[list, tuple[str, ...]]:
+    """The run's datasets (data.url, then data.datasets; one subject each) and the shards to skip.
+
+    Every shard is checked for presence and size before anything starts (a stat each, or one S3
+    listing per 1,000): under data.on_corrupt=fail every rank raises the same list of bad shards.
+    """
+    from mindeye_dist.data import check_shards, read_meta
+    from mindeye_dist.data.subset import limit_split
+
+    metas, skip = [], []
+    for url in [cfg.data.url, *cfg.data.datasets]:
+        meta = read_meta(url, s3_endpoint=cfg.data.s3_endpoint or None)
+        meta.check_config(cfg.data)
+        if cfg.data.train_subset is not None:
+            meta = limit_split(meta, cfg.data.train_split, cfg.data.train_subset)
+        check = check_shards(meta, (cfg.data.train_split, cfg.data.val_split), on_corrupt=cfg.data.on_corrupt)
+        metas.append(meta)
+        skip += list(check.skip_shards)
+    return metas, tuple(skip)
+
+
+def _train_loader(cfg: ExperimentConfig, metas: list, skip_shards: tuple, rank: int, world_size: int,
+                  state: ckpt.TrainState):
+    """One exact, resumable stream; several subjects: an equal share of each in every micro-batch."""
+    from mindeye_dist.data import build_train_loader
+    from mindeye_dist.data.multi import MultiSubjectLoader, per_subject_batch
+
+    def build(meta, micro: int, position) -> Any:
+        return build_train_loader(cfg.data, micro_batch_size=micro, seed=cfg.run.seed, rank=rank, world_size=world_size,
+                                  start_epoch=position[0], start_batch=position[1], meta=meta, skip_shards=skip_shards)
+
+    if len(metas) == 1:
+        return build(metas[0], cfg.train.micro_batch_size, (state.epoch, state.batch_in_epoch))
+    micro = per_subject_batch(cfg.train.micro_batch_size, len(metas))
+    positions = state.positions or [(0, 0)] * len(metas)
+    if len(positions) != len(metas):
+        raise ConfigError(f"the checkpoint was written by a run over {len(positions)} datasets; this run names "
+                          f"{len(metas)} (data.url + data.datasets must stay the same to resume)")
+    return MultiSubjectLoader([build(m, micro, p) for m, p in zip(metas, positions)],
+                              width=max(m.n_voxels for m in metas))
 
 
 def _improved(metric: str, value: float, best: Optional[float]) -> bool:
@@ -129,8 +172,6 @@ def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str,
 def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_size: int, device: torch.device,
          watchdog: Optional[StallWatchdog]) -> dict[str, Any]:
     from mindeye_dist import hostmem
-    from mindeye_dist.data import build_train_loader, check_shards, read_meta
-    from mindeye_dist.data.subset import limit_split
     from mindeye_dist.ds_config import load_ds_config, resolve_ds_config, write_ds_config
     from mindeye_dist.faults import faults_from_env
     from mindeye_dist.metrics import ProgressBar, build_loggers, device_peak_flops, truncate_jsonl
@@ -142,20 +183,17 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
     ds = resolve_ds_config(load_ds_config(cfg.run.ds_config), cfg, world_size)  # fails before allocating
     if cfg.train.precision == "fp16" and device.type == "cpu":
         raise ConfigError("train.precision=fp16 is not supported on CPU (DeepSpeed refuses it, matmuls crawl); use fp32 or bf16")
-    meta = read_meta(cfg.data.url, s3_endpoint=cfg.data.s3_endpoint or None)
-    meta.check_config(cfg.data)
-    if cfg.data.train_subset is not None:
-        meta = limit_split(meta, cfg.data.train_split, cfg.data.train_subset)
-    # Every shard present with its recorded size, before anything starts (a stat each, or one S3
-    # listing per 1,000): under data.on_corrupt=fail every rank raises the same list of bad shards.
-    shard_check = check_shards(meta, (cfg.data.train_split, cfg.data.val_split), on_corrupt=cfg.data.on_corrupt)
+    metas, skip_shards = _datasets(cfg)
+    dims = ModelDims.from_metas(metas)
+    trainer = Trainer(cfg, dims, rank=rank, world_size=world_size, device=device, ds_config=ds,
+                      faults=faults_from_env(), skip_shards=skip_shards)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        # The subject table (name -> voxels, in adapter order) is part of the model: it goes with the
+        # run so evaluate/export/fine-tune route each dataset to its own adapter.
+        table = trainer.model.config.subject_table()
+        dump_config(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, subjects=table)), run_dir / "config.yaml")
         write_ds_config(ds, run_dir / "ds_config.resolved.json")
-    dims = ModelDims.from_meta(meta)
-    trainer = Trainer(cfg, dims, rank=rank, world_size=world_size, device=device, ds_config=ds,
-                      faults=faults_from_env(), skip_shards=shard_check.skip_shards)
     ckpt_dir = run_dir / "checkpoints"
     resume_rng = None
     tag = ckpt.read_latest(ckpt_dir)
@@ -171,9 +209,7 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
         # Steps after the checkpoint were logged by the run that died; they are about to be redone.
         truncate_jsonl(run_dir / "metrics.jsonl", state.step)
 
-    loader = build_train_loader(cfg.data, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, rank=rank,
-                                world_size=world_size, start_epoch=state.epoch, start_batch=state.batch_in_epoch,
-                                meta=meta, skip_shards=shard_check.skip_shards)
+    loader = _train_loader(cfg, metas, skip_shards, rank, world_size, state)
     trainer.attach_loader(loader)
     trainer.meter.flops_per_sample = _flops_per_sample(cfg, dims)
     trainer.meter.peak_flops = device_peak_flops(device, trainer.engine.dtype) if device.type == "cuda" else None
@@ -215,7 +251,7 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
         if cfg.train.eval_every_steps and (step % cfg.train.eval_every_steps == 0 or is_last):
             beat()
             with trainer.meter.excluded():
-                val = trainer.validate(meta)
+                val = trainer.validate(metas)
             beat()
             if val:
                 is_best = selection.update(val, step)

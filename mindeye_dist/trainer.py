@@ -54,15 +54,33 @@ class ModelDims:
     lowlevel_shape: Optional[tuple[int, ...]] = None
     nominal: bool = False
     """Fill dims nobody gave from the preset's nominal ones (estimates and benchmarks, no dataset)."""
+    subjects: Optional[tuple[tuple[str, int], ...]] = None
+    """The datasets' subjects ((name, n_voxels), ...), routed to the model's adapters by name."""
 
     @classmethod
     def from_meta(cls, meta) -> "ModelDims":
-        shape = meta.field_shape("vae")
-        return cls(meta.n_voxels, meta.n_tokens, meta.token_dim, tuple(shape) if shape else None)
+        return cls.from_metas([meta])
+
+    @classmethod
+    def from_metas(cls, metas) -> "ModelDims":
+        """The dims of one or several datasets (one subject each); targets must agree across them."""
+        from mindeye_dist.data.multi import subject_table
+
+        first = metas[0]
+        shape = first.field_shape("vae")
+        for meta in metas[1:]:
+            if (meta.n_tokens, meta.token_dim) != (first.n_tokens, first.token_dim) or meta.field_shape("vae") != shape:
+                raise ConfigError(f"datasets disagree on their targets: {first.url} has {first.n_tokens}x{first.token_dim} "
+                                  f"tokens and VAE latents {shape}, {meta.url} {meta.n_tokens}x{meta.token_dim} and "
+                                  f"{meta.field_shape('vae')}; one run trains one target space")
+        table = subject_table(metas)
+        return cls(first.n_voxels if len(metas) == 1 else None, first.n_tokens, first.token_dim,
+                   tuple(shape) if shape else None, subjects=tuple(table.items()))
 
     def kwargs(self) -> dict[str, Any]:
-        return {"n_voxels": self.n_voxels, "n_tokens": self.n_tokens, "token_dim": self.token_dim,
-                "lowlevel_shape": list(self.lowlevel_shape) if self.lowlevel_shape else None, "nominal": self.nominal}
+        return {"n_voxels": None if self.subjects else self.n_voxels, "n_tokens": self.n_tokens,
+                "token_dim": self.token_dim, "lowlevel_shape": list(self.lowlevel_shape) if self.lowlevel_shape else None,
+                "nominal": self.nominal, "subjects": dict(self.subjects) if self.subjects else None}
 
 
 class PhaseTimer:
@@ -166,6 +184,88 @@ def forward_loss(engine, loss_fn, batch, step: int, generator: torch.Generator):
                    lowlevel_target=batch.vae)
 
 
+def subject_lookup(model, dims: ModelDims) -> torch.Tensor:
+    """Dataset subject number -> the model's adapter index (-1: no dataset of this run has it).
+
+    A one-subject model takes its one dataset whatever its number; otherwise each dataset's
+    subject is looked up by name in the model's table (never by position).
+    """
+    names = model.config.subject_names()
+    if dims.subjects is None:  # no datasets (benchmarks): batches already carry adapter indices
+        return torch.arange(len(names), dtype=torch.long)
+    table = dict(dims.subjects)
+    numbers = {}
+    for name in table:
+        digits = name[4:] if name.startswith("subj") and name[4:].isdigit() else None
+        numbers[name] = int(digits) if digits is not None else None
+    size = max([n for n in numbers.values() if n is not None] + [0]) + 1
+    lookup = torch.full((max(size, 1),), -1, dtype=torch.long)
+    if len(names) == 1:
+        return torch.zeros(max(size, 256), dtype=torch.long)  # one adapter: every sample goes to it
+    for name, number in numbers.items():
+        if number is None:
+            raise ConfigError(f"subject {name!r} has no number: multi-subject datasets need numeric subjects in meta.json")
+        if name not in names:
+            raise ConfigError(f"the data holds subject {name}, which the model has no adapter for ({names})")
+        lookup[number] = names.index(name)
+    return lookup
+
+
+def init_weights(model: nn.Module, source: str) -> None:
+    """Load ``source`` (an export, or a run directory's best/latest checkpoint) into ``model``:
+    adapters of subjects ``model`` has and the source lacks stay fresh, the source's other
+    adapters are dropped, everything else must match in name and shape (ConfigError otherwise).
+    Under ZeRO-3 (parameters partitioned by zero.Init) rank 0's full copy is scattered."""
+    from mindeye_dist.models.subjects import SubjectAdapters, adapter_key_subject
+
+    state = _source_state_dict(source)
+    prefixes = [name for name, module in model.named_modules() if isinstance(module, SubjectAdapters)]
+    names = set(model.config.subject_names())
+    kept = {k: v for k, v in state.items() if adapter_key_subject(k, prefixes) in (None, *names)}
+    params = dict(model.named_parameters())
+    own = {k: tuple(getattr(params[k], "ds_shape", params[k].shape)) if k in params else tuple(v.shape)
+           for k, v in model.state_dict().items()}  # ZeRO-3: a partitioned parameter's full shape is ds_shape
+    missing = [k for k in own if k not in kept and adapter_key_subject(k, prefixes) is None]
+    extra = [k for k in kept if k not in own]
+    shapes = [f"{k}: source {tuple(v.shape)}, model {own[k]}" for k, v in kept.items()
+              if k in own and tuple(v.shape) != own[k]]
+    if missing or extra or shapes:
+        raise ConfigError(f"train.init_from={source}: the weights do not fit this model apart from subject adapters: "
+                          f"missing {missing[:5]}, unexpected {extra[:5]}, other shapes {shapes[:5]} (check model.* "
+                          "against the source run's config.yaml)")
+    fresh = sorted(names - {adapter_key_subject(k, prefixes) for k in state if adapter_key_subject(k, prefixes)})
+    import contextlib
+
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params.values()):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([p for k, p in params.items() if k in kept], modifier_rank=0)
+    with gathered, torch.no_grad():
+        for k, t in list(params.items()) + list(model.named_buffers()):
+            if k in kept:
+                t.data.copy_(kept[k].to(t.dtype))
+    log.info("initialised from %s (%d tensors)%s", source, len(kept),
+             f"; fresh adapters for {', '.join(fresh)}" if fresh else "")
+
+
+def _source_state_dict(source: str) -> dict[str, torch.Tensor]:
+    from pathlib import Path as _Path
+
+    path = _Path(source)
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    ckpt_dir = path / "checkpoints"
+    tag = ckpt.read_best(ckpt_dir) or ckpt.read_latest(ckpt_dir)
+    if tag is None:
+        raise ConfigError(f"train.init_from={source}: neither an export (.safetensors) nor a run directory with a "
+                          f"complete checkpoint")
+    state = ckpt.consolidated_state_dict(ckpt_dir, tag)
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -211,6 +311,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = build_model_for_engine(cfg.model, ds_config, cfg.train.precision, **dims.kwargs())
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: ds_numel
+        if cfg.train.init_from:
+            init_weights(self.model, cfg.train.init_from)
+        self.subject_lookup = subject_lookup(self.model, dims)
         self.engine = DeepSpeedEngine(TrainingModel(self.model), cfg, ds_config, total_steps, device, engine_options)
         self.loss_fn = MindEyeLoss(cfg.loss, total_steps)
         self.loss_gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)
@@ -233,12 +336,28 @@ class Trainer:
         while True:
             with self.meter.data_wait():
                 batch = next(self._batches)
-            self.state.epoch, self.state.batch_in_epoch = self.loader.position
+            position = self.loader.position
+            if isinstance(position, list):  # several subjects: one exact epoch stream each
+                self.state.positions = [list(p) for p in position]
+                position = position[0]
+            self.state.epoch, self.state.batch_in_epoch = position
             yield batch
+
+    def route(self, batch):
+        """``batch`` with its datasets' subject numbers replaced by the model's adapter indices."""
+        import dataclasses
+
+        lookup = self.subject_lookup
+        ids = batch.subject.clamp(0, len(lookup) - 1)
+        adapters = lookup.to(batch.subject.device)[ids]
+        if bool(((batch.subject >= len(lookup)) | (adapters < 0)).any()):
+            raise ConfigError(f"a batch holds subject(s) {sorted(set(batch.subject.tolist()))} that no dataset of this "
+                              f"run declared; the model's subjects are {self.model.config.subject_names()}")
+        return dataclasses.replace(batch, subject=adapters)
 
     def forward_loss(self, batch):
         """Mixup (BiMixCo phase), the engine forward and every loss term for one micro-batch."""
-        return forward_loss(self.engine, self.loss_fn, batch, self.state.step, self.loss_gen)
+        return forward_loss(self.engine, self.loss_fn, self.route(batch), self.state.step, self.loss_gen)
 
     def step(self, batches: Optional[Iterable] = None) -> StepResult:
         """One optimizer step over ``train.grad_accum_steps`` micro-batches (from the attached
@@ -310,7 +429,7 @@ class Trainer:
         self.engine.eval()
         preds, targets = [], []
         for batch in loader:
-            batch = batch.to(self.device)
+            batch = self.route(batch.to(self.device))
             out, _ = self.engine(batch.voxels.to(self.engine.dtype), batch.subject)
             preds.append(out.projector.float().cpu())
             targets.append(batch.targets.float().cpu())
@@ -323,9 +442,24 @@ class Trainer:
         size, ``eval.retrieval_loops`` random subsets), their mean ``val/retrieval_top1``, and
         ``val/loss``: bidirectional InfoNCE at the temperature training ends with, averaged over
         the same random ``way``-subsets (a contrastive loss depends on how many candidates it sees,
-        so the subset size is fixed; this is the loss the scaling-law report fits). Every rank
-        computes the same numbers. Returns {} when the dataset has no such split.
+        so the subset size is fixed; this is the loss the scaling-law report fits). ``meta`` may be
+        a list (several subjects): each is scored on its own (``val/<subject>/...``) and the
+        unprefixed metrics are their means. Every rank computes the same numbers. Returns {} when
+        no dataset has such a split.
         """
+        from mindeye_dist.data.multi import subject_name
+
+        metas = meta if isinstance(meta, (list, tuple)) else [meta]
+        per = {subject_name(m): self._validate_one(m, split) for m in metas}
+        per = {name: v for name, v in per.items() if v}
+        if len(per) <= 1:
+            return next(iter(per.values()), {})
+        out = {k: sum(v[k] for v in per.values()) / len(per) for k in next(iter(per.values()))}
+        for name, values in per.items():
+            out.update({k.replace("val/", f"val/{name}/", 1): x for k, x in values.items()})
+        return out
+
+    def _validate_one(self, meta, split: Optional[str]) -> dict[str, float]:
         from mindeye_dist.data import build_eval_loader
         from mindeye_dist.evaluate import retrieval_accuracy
         from mindeye_dist.losses import info_nce_loss

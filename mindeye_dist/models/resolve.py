@@ -99,11 +99,25 @@ def _resolve_subjects(cfg: ModelConfig, preset: Preset, data_voxels: Optional[in
     else:
         table, source = None, ""
     if data_subjects is not None:
-        # Order matters: a batch's subject ids index the table.
-        if table is not None and list(table.items()) != list(data_subjects.items()):
-            raise _error(f"model.subjects disagrees with the data: {source}, but the dataset (meta.json) has "
-                         f"subjects={data_subjects!r} (same names, counts and order needed)")
-        table = dict(data_subjects)
+        # The model's table keeps its order (adapter indices); datasets are routed to adapters by
+        # name (mindeye_dist.data.multi.subject_name), so every data subject must be in it with its
+        # voxel count. A one-subject model takes a one-subject dataset of the same width whatever
+        # its name (the preset's name keeps the state-dict keys stable).
+        if table is None:
+            table = dict(data_subjects)
+        elif len(table) == 1 and len(data_subjects) == 1:
+            (name, n), (data_name, data_n) = next(iter(table.items())), next(iter(data_subjects.items()))
+            if n != data_n:
+                raise _error(f"model.n_voxels disagrees with the data: {source}, but the dataset {data_name} "
+                             f"(meta.json) has n_voxels={data_n}; set model.subjects or model.n_voxels to match")
+        else:
+            missing = [k for k in data_subjects if k not in table]
+            wrong = [f"{k} ({data_subjects[k]} voxels vs {table[k]})" for k in data_subjects
+                     if k in table and table[k] != data_subjects[k]]
+            if missing or wrong:
+                raise _error(f"model.subjects disagrees with the data: {source}; the datasets hold subjects "
+                             f"{data_subjects!r}" + (f"; not in the model: {missing}" if missing else "")
+                             + (f"; other voxel counts: {wrong}" if wrong else ""))
     if data_voxels is not None:
         if table is None:
             table = {DEFAULT_SUBJECT: data_voxels}
