@@ -56,6 +56,8 @@ class ModelDims:
     """Fill dims nobody gave from the preset's nominal ones (estimates and benchmarks, no dataset)."""
     subjects: Optional[tuple[tuple[str, int], ...]] = None
     """The datasets' subjects ((name, n_voxels), ...), routed to the model's adapters by name."""
+    teacher_shape: Optional[tuple[int, ...]] = None
+    """(N, F) of the datasets' low-level teacher tokens (SoftCont), when they have them."""
 
     @classmethod
     def from_meta(cls, meta) -> "ModelDims":
@@ -74,8 +76,11 @@ class ModelDims:
                                   f"tokens and VAE latents {shape}, {meta.url} {meta.n_tokens}x{meta.token_dim} and "
                                   f"{meta.field_shape('vae')}; one run trains one target space")
         table = subject_table(metas)
+        teachers = {m.field_shape("teacher") for m in metas}
+        teacher = teachers.pop() if len(teachers) == 1 else None  # SoftCont needs it in every dataset
         return cls(first.n_voxels if len(metas) == 1 else None, first.n_tokens, first.token_dim,
-                   tuple(shape) if shape else None, subjects=tuple(table.items()))
+                   tuple(shape) if shape else None, subjects=tuple(table.items()),
+                   teacher_shape=tuple(teacher) if teacher else None)
 
     def kwargs(self) -> dict[str, Any]:
         return {"n_voxels": None if self.subjects else self.n_voxels, "n_tokens": self.n_tokens,
@@ -178,10 +183,29 @@ def forward_loss(engine, loss_fn, batch, step: int, generator: torch.Generator):
     voxels, mix = loss_fn.mix(step, batch.voxels, generator, batch.subject)
     out, prior_loss = engine(voxels.to(engine.dtype), batch.subject, batch.targets.to(engine.dtype))
     lowlevel_pred = getattr(out, "lowlevel", None)
+    lowlevel = lowlevel_pred is not None and batch.vae is not None
+    # SoftCont: the low-level head's feature tokens against the precomputed teacher tokens of the
+    # clean image, on both sides (MindEye draws a fresh augmentation of the image for one side each
+    # step; precomputed targets cannot, see README "Where we deliberately differ").
+    teacher = batch.teacher if lowlevel and getattr(out, "lowlevel_features", None) is not None else None
     return loss_fn(step, out.projector.float(), batch.targets, mix=mix,
                    prior=None if prior_loss is None else prior_loss.float(),
-                   lowlevel_pred=None if lowlevel_pred is None or batch.vae is None else lowlevel_pred.float(),
-                   lowlevel_target=batch.vae)
+                   lowlevel_pred=lowlevel_pred.float() if lowlevel else None, lowlevel_target=batch.vae,
+                   student=None if teacher is None else out.lowlevel_features.float(), teacher=teacher,
+                   teacher_aug=teacher)
+
+
+def check_teacher(model_cfg, dims: ModelDims) -> None:
+    """The datasets' teacher tokens must be what the low-level head's feature projector makes."""
+    if dims.teacher_shape is None or not model_cfg.lowlevel:
+        return
+    h, w = model_cfg.lowlevel_map_size()
+    want = (h * w, model_cfg.lowlevel_feature_dim)
+    if tuple(dims.teacher_shape) != want:
+        raise ConfigError(f"the datasets' teacher tokens are {tuple(dims.teacher_shape)} (meta.json 'teacher'), but the "
+                          f"low-level head makes {want} feature tokens (its {h}x{w} map, model.lowlevel_feature_dim="
+                          f"{model_cfg.lowlevel_feature_dim}): rebuild the teacher targets at that grid and width, or set "
+                          "model.lowlevel_feature_dim / model.lowlevel_channels to match")
 
 
 def subject_lookup(model, dims: ModelDims) -> torch.Tensor:
@@ -311,6 +335,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.model = build_model_for_engine(cfg.model, ds_config, cfg.train.precision, **dims.kwargs())
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: ds_numel
+        check_teacher(self.model.config, dims)
         if cfg.train.init_from:
             init_weights(self.model, cfg.train.init_from)
         self.subject_lookup = subject_lookup(self.model, dims)

@@ -22,6 +22,7 @@ class Batch:
     images: Optional[torch.Tensor]  # (B, H, W, 3) uint8, or None when the dataset has no images
     subject: torch.Tensor  # (B,) long, subject id from meta.json
     index: torch.Tensor  # (B,) long, row index of the stimulus in its source split
+    teacher: Optional[torch.Tensor] = None  # (B, N, F) float32 low-level teacher feature tokens (SoftCont), or None
 
     def __len__(self) -> int:
         return int(self.voxels.shape[0])

@@ -61,7 +61,8 @@ def concat_batches(batches: Sequence[Batch], width: int) -> Batch:
         return torch.cat(parts)
 
     return Batch(voxels=torch.cat([pad_voxels(b.voxels, width) for b in batches]), targets=cat("targets"),
-                 vae=cat("vae"), images=cat("images"), subject=cat("subject"), index=cat("index"))
+                 vae=cat("vae"), images=cat("images"), subject=cat("subject"), index=cat("index"),
+                 teacher=cat("teacher"))
 
 
 class MultiSubjectLoader:

@@ -28,11 +28,12 @@ from mindeye_dist.data.integrity import HashingReader, SkipCounter
 from mindeye_dist.data.meta import DatasetMeta, ShardInfo, SplitInfo
 from mindeye_dist.data.storage import classify_error, describe_error, is_s3, open_shard, wait_open
 
-_REQUIRED = {"voxels": "voxels.npy", "targets": "targets.npy", "images": "png", "vae": "vae.npy"}
-_ARRAYS = ("voxels.npy", "targets.npy", "vae.npy")
+_REQUIRED = {"voxels": "voxels.npy", "targets": "targets.npy", "images": "png", "vae": "vae.npy",
+             "teacher": "teacher.npy"}
+_ARRAYS = ("voxels.npy", "targets.npy", "vae.npy", "teacher.npy")
 """Members decoded and checked (shape, NaN/inf) while reading, before the shuffle: a sample
 dropped there is replaced from the worker's share, so batch counts stay exact and resume equal."""
-_DECODED = ["voxels.npy", "targets.npy", "vae.npy", "png", "json"]
+_DECODED = ["voxels.npy", "targets.npy", "vae.npy", "teacher.npy", "png", "json"]
 """The only members webdataset's decoder touches (never a stray .pth/.pkl member: no unpickling)."""
 FIX_FAIL = "rebuild the dataset (launchers/prepare_data.py), or set data.on_corrupt=skip to skip and count it"
 FIX_SKIP = "rebuild the dataset to use it again"
@@ -97,9 +98,10 @@ def range_segments(shards: Sequence[ShardInfo], urls: Sequence[str], start: int,
 def expected_shapes(meta: DatasetMeta, split: SplitInfo) -> dict[str, tuple[int, ...]]:
     """Shape of each array member of a sample of ``split``, from meta.json."""
     shapes = {"voxels.npy": (split.reps, meta.n_voxels), "targets.npy": (meta.n_tokens, meta.token_dim)}
-    vae = meta.field_shape("vae")
-    if vae is not None and "vae" in split.fields:
-        shapes["vae.npy"] = tuple(vae)
+    for field in ("vae", "teacher"):
+        shape = meta.field_shape(field)
+        if shape is not None and field in split.fields:
+            shapes[f"{field}.npy"] = tuple(shape)
     return shapes
 
 
@@ -374,11 +376,13 @@ def collate(samples: list[dict], mean: np.ndarray, std: np.ndarray, reps: str, r
     vox = reduce_reps(vox, reps, rng, step)  # (B, V)
     tgt = np.stack([s["targets.npy"] for s in samples]).astype(np.float32)  # (B, T, D)
     vae = np.stack([s["vae.npy"] for s in samples]).astype(np.float32) if "vae.npy" in samples[0] else None
+    teacher = np.stack([s["teacher.npy"] for s in samples]).astype(np.float32) if "teacher.npy" in samples[0] else None
     img = np.stack([s["png"] for s in samples]) if "png" in samples[0] else None  # (B, H, W, 3)
     return Batch(
         voxels=torch.from_numpy(np.ascontiguousarray(vox)),
         targets=torch.from_numpy(tgt),
         vae=None if vae is None else torch.from_numpy(vae),
+        teacher=None if teacher is None else torch.from_numpy(teacher),
         images=None if img is None else torch.from_numpy(img),
         subject=torch.tensor([s["json"]["subject"] for s in samples], dtype=torch.long),
         index=torch.tensor([s["json"]["index"] for s in samples], dtype=torch.long),

@@ -36,7 +36,7 @@ from mindeye_dist.data.storage import Storage
 __all__ = ["ENCODERS", "TargetSpec", "add_targets", "parse_target_specs"]
 
 _FP16_MAX = float(np.finfo(np.float16).max)
-LOADER_FIELDS = ("voxels", "targets", "images", "vae")
+LOADER_FIELDS = ("voxels", "targets", "images", "vae", "teacher")
 """Field names today's training loader understands in a split's ``fields`` list."""
 _IMAGE_KEYS = ("png", "jpg", "jpeg")
 
