@@ -205,12 +205,15 @@ def write_rank_state(ckpt_dir: Path, tag: str, rank: int, state: TrainState, rng
 
 
 def commit(ckpt_dir: Path, tag: str, keep_last: int, best: bool = False) -> list[str]:
-    """Rank 0, after every rank wrote its files: mark COMPLETE, point ``latest`` at it (and
-    ``best`` when ``best``), prune.
+    """Rank 0, after every rank wrote its files: copy RUN_DIR/config.yaml into it, mark it
+    COMPLETE, point ``latest`` at it (and ``best`` when ``best``), prune.
 
     Returns the tags removed. Only checkpoints older than the new one are pruned, and the
     partial directories of killed saves are removed with them; the one ``best`` names is kept.
     """
+    run_config = ckpt_dir.parent / "config.yaml"
+    if run_config.is_file():  # the settings this checkpoint was trained with (check_model_matches)
+        atomic_write_bytes(ckpt_dir / tag / "config.yaml", run_config.read_bytes())
     atomic_write_bytes(ckpt_dir / tag / COMPLETE, b"")
     atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
     if best:  # after latest: a kill in between leaves TrainState.best_val["tag"], which resume re-marks
@@ -489,34 +492,41 @@ def config_differences(saved_cfg: Any, saved_dims: dict[str, Any], model_cfg: An
     return primary or derived
 
 
-def _mismatch_message(ckpt_dir: Path, tag: str, differences: list[str], saved_data_url: Optional[str]) -> str:
-    run_dir = ckpt_dir.parent
+def _mismatch_message(ckpt_dir: Path, tag: str, differences: list[str], saved_data_url: Optional[str],
+                      saved_config: Optional[Path] = None) -> str:
     trained_on = f", data.url={saved_data_url}" if saved_data_url else ""
+    settings = saved_config or ckpt_dir.parent / "config.yaml"
     return (f"checkpoint {ckpt_dir / tag} does not fit the model configured now:\n  " + "\n  ".join(differences)
-            + f"\nUse the settings and the dataset the run was trained with ({run_dir / 'config.yaml'}{trained_on}), "
+            + f"\nUse the settings and the dataset the checkpoint was trained with ({settings}{trained_on}), "
             "or train this configuration in a new run.dir.")
 
 
-def check_model_matches(run_dir: str | os.PathLike, model_cfg: Any, dims: dict[str, Any], *,
+def check_model_matches(run_dir: str | os.PathLike, model_cfg: Any, dims: Any, *,
                         data_url: Optional[str] = None, tag: Optional[str] = None) -> None:
-    """Raise a ConfigError if the run in ``run_dir`` was trained with another model than
-    ``model_cfg`` built on a dataset with ``dims`` (see :func:`data_dims`; ``data_url`` is that
-    dataset, for the message and to find out whether the dataset changed).
+    """Raise a ConfigError if checkpoint ``tag`` of the run in ``run_dir`` (or, without a tag,
+    the run) was trained with another model than ``model_cfg`` built on a dataset with ``dims``
+    (a dict like :func:`data_dims`, or the trainer's ``ModelDims``); ``data_url`` is that
+    dataset, for the message and to tell whether the dataset changed.
 
-    Compares the resolved model config of ``RUN_DIR/config.yaml`` (dimensions from the dataset
-    it names, when that is readable) with the current one, and, with ``tag``, the parameter
-    shapes the checkpoint records with those of the model built now (on the meta device). The
-    message names each differing setting and the fix. Call it before ``config.yaml`` is
-    overwritten (the trainer writes the current config there at start).
+    Compares the resolved model config the checkpoint was trained with (``TAG/config.yaml``,
+    copied there by :func:`commit`; else ``RUN_DIR/config.yaml``) with the current one, the
+    data dimensions taken from the dataset that config names when it is still readable; then
+    the parameter shapes the checkpoint records with those of the model built now (on the meta
+    device). The message names each differing setting (``model.hidden_dim: checkpoint 256, now
+    512``, ``n_voxels: checkpoint 2000, dataset 1800``) and the fix. Reads files only: every rank
+    may call it and gets the same verdict.
     """
     from mindeye_dist.config import load_config
 
+    dims = dict(dims.kwargs() if hasattr(dims, "kwargs") else dims)
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    candidates = ([ckpt_dir / tag / "config.yaml"] if tag else []) + [run_dir / "config.yaml"]
+    saved_path = next((p for p in candidates if p.is_file()), None)
     differences: list[str] = []
     saved_url = None
-    if (run_dir / "config.yaml").is_file():
-        saved = load_config(run_dir / "config.yaml")
+    if saved_path is not None:
+        saved = load_config(saved_path)
         saved_url = saved.data.url
         saved_dims: Optional[dict[str, Any]] = dims
         if data_url is not None and saved_url and saved_url.rstrip("/") != str(data_url).rstrip("/"):
@@ -533,7 +543,7 @@ def check_model_matches(run_dir: str | os.PathLike, model_cfg: Any, dims: dict[s
         current = {f"model.{name}": tuple(p.shape) for name, p in model.named_parameters()}
         differences = shape_differences(checkpoint_param_shapes(ckpt_dir, tag), current)
     if differences:
-        raise ConfigError(_mismatch_message(ckpt_dir, tag or "", differences, saved_url))
+        raise ConfigError(_mismatch_message(ckpt_dir, tag or "", differences, saved_url, saved_path))
 
 
 def _dims_of(url: str, s3_endpoint: str) -> Optional[dict[str, Any]]:

@@ -146,19 +146,20 @@ def test_resume_with_another_width_names_the_setting(run_copy):
     from mindeye_dist.config import load_config
     from mindeye_dist.data import read_meta
 
-    # The library check the trainer calls before it rewrites config.yaml: names the setting.
+    # Through the launcher: the parameters that differ, not a raw state_dict size mismatch.
+    proc = _train(data, run, "model.hidden_dim=48")
+    assert proc.returncode != 0
+    assert re.search(r"checkpoint \[32, \d+\], now \[48, \d+\]", proc.stderr), proc.stderr[-2000:]
+    assert "does not fit the model configured now" in proc.stderr and "size mismatch" not in proc.stderr
+    # The check the trainer can call before loading names the setting, although the launcher has
+    # just rewritten RUN_DIR/config.yaml: each checkpoint keeps the config it was trained with.
+    assert "hidden_dim: 48" in (run / "config.yaml").read_text()
     cfg = load_config(REPO / "launchers/configs/tiny.yaml", [f"data.url={data}", "model.hidden_dim=48"])
     dims = ckpt.data_dims(read_meta(str(data)))
     with pytest.raises(ConfigError) as err:
         ckpt.check_model_matches(run, cfg.model, dims, data_url=str(data), tag=LAST)
     assert "model.hidden_dim: checkpoint 32, now 48" in str(err.value)
-    assert "new run.dir" in str(err.value)
-    # Through the launcher (config.yaml already rewritten): the parameters that differ, not a raw
-    # state_dict size mismatch.
-    proc = _train(data, run, "model.hidden_dim=48")
-    assert proc.returncode != 0
-    assert re.search(r"checkpoint \[32, \d+\], now \[48, \d+\]", proc.stderr), proc.stderr[-2000:]
-    assert "does not fit the model configured now" in proc.stderr and "size mismatch" not in proc.stderr
+    assert f"{LAST}/config.yaml" in str(err.value) and "new run.dir" in str(err.value)
 
 
 def test_matching_config_passes_the_check(trained):
