@@ -1,12 +1,16 @@
 """Evaluate a run: 300-way top-1 retrieval in both directions over 30 random subsets.
 
     python launchers/evaluate.py --run RUN_DIR --data URL --split test --out metrics.json \\
-        [--checkpoint step_0001000] [--save-predictions PRED.npy] [--baseline ridge]
+        [--checkpoint best|latest|step_0001000] [--save-predictions PRED.npy] [--baseline ridge]
     python launchers/evaluate.py --data URL --baseline ridge --out ridge.json   # no run needed
 
 The metrics JSON has ``retrieval.image_top1`` and ``retrieval.brain_top1`` (repetitions averaged
 at the input, as MindEye1 does); the predictions file holds the retrieval-submodule outputs for
-the split in row order, shape ``[n, tokens, dim]``.
+the split in row order, shape ``[n, tokens, dim]``. Both output paths are checked before the
+evaluation runs. The default checkpoint is ``best`` (RUN_DIR/checkpoints/best, the step
+validation selected) when the run has one, else ``latest``. A split with fewer samples than
+``--way`` is an error that names the largest ``--way`` it allows (results at another way are
+not comparable with the published 300-way numbers, so the choice is left to you).
 """
 
 import argparse
@@ -22,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--run", help="run directory written by launchers/train.py")
     p.add_argument("--data", help="dataset URL (defaults to the run's data.url)")
     p.add_argument("--split", default="test")
-    p.add_argument("--checkpoint", help="checkpoint tag (default: checkpoints/latest)")
+    p.add_argument("--checkpoint", help="checkpoint tag, 'best' or 'latest' (default: best if the run has it, else latest)")
     p.add_argument("--out", help="write the metrics JSON here (also printed)")
     p.add_argument("--save-predictions", help="save retrieval-submodule outputs (.npy, [n, tokens, dim])")
     p.add_argument("--baseline", choices=["ridge"], help="also compute a baseline on the same data")
@@ -34,15 +38,11 @@ def main(argv=None) -> int:
 
     try:
         res = evaluate_run(args.run, args.data, args.split, args.checkpoint, args.way, args.loops, args.seed,
-                           args.baseline, args.save_predictions)
-    except (FileNotFoundError, ValueError) as err:
+                           args.baseline, args.save_predictions, args.out)
+    except (OSError, ValueError) as err:  # ValueError: ConfigError, CheckpointError, DataError
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
-    text = json.dumps(res, indent=2, default=float)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    print(json.dumps(res, indent=2, default=float))
     return 0
 
 

@@ -13,16 +13,27 @@ A checkpoint becomes visible only when ``latest`` names it, and ``latest`` is re
 every rank's files are on disk and ``COMPLETE`` exists, so a job killed mid-save (even with
 SIGKILL) resumes from the previous checkpoint; the partial directory is overwritten or pruned.
 DeepSpeed's file is also called ``latest`` and holds just the tag, so ``engine.load_checkpoint``
-reads ours unchanged.
+reads ours unchanged. When ``best`` exists, evaluate.py and export.py use it by default
+(:func:`resolve_tag`); commit never prunes it.
+
+Loading is weights-only everywhere, DeepSpeed's loads included (see :func:`weights_only_loading`):
+a checkpoint whose pickle would construct anything but tensors, containers and the few plain
+DeepSpeed records below is refused, not executed. A truncated or corrupt file, or a checkpoint of
+a different model, is a :class:`CheckpointError` / ConfigError naming the file or the setting and
+the way out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import random
 import shutil
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -30,11 +41,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mindeye_dist.fsutil import atomic_write_bytes, fsync_dir
+from mindeye_dist.errors import ConfigError
+from mindeye_dist.fsutil import atomic_output, atomic_write_bytes
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 BEST = "best"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used as it is: missing, incomplete, truncated, corrupt or unsafe.
+    The message names the file and says which checkpoint to use instead."""
 
 
 @dataclass
@@ -103,26 +120,8 @@ def set_rng_state(state: dict[str, Any], extra_generators: Optional[dict[str, to
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_latest(ckpt_dir: str | os.PathLike) -> Optional[str]:
-    """The tag ``latest`` names, if it exists and that checkpoint is COMPLETE; else None."""
-    ckpt_dir = Path(ckpt_dir)
-    latest = ckpt_dir / LATEST
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    if not tag or not (ckpt_dir / tag / COMPLETE).is_file():
-        raise RuntimeError(
-            f"{latest} names {tag!r}, which is not a complete checkpoint. The file was edited or the "
-            f"checkpoint deleted; point it at a directory under {ckpt_dir} that contains {COMPLETE}."
-        )
-    return tag
+    with atomic_output(path, durable=True) as tmp:
+        torch.save(obj, tmp)
 
 
 def complete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
@@ -130,6 +129,63 @@ def complete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
     return sorted(p.name for p in ckpt_dir.glob("step_*") if (p / COMPLETE).is_file())
+
+
+def _others_hint(ckpt_dir: Path, bad: Optional[str] = None) -> str:
+    """What to use instead of checkpoint ``bad``: the other complete tags and how to select one."""
+    others = [t for t in complete_tags(ckpt_dir) if t != bad]
+    if not others:
+        return (f"No other complete checkpoint is under {ckpt_dir}; train again (a new run.dir, or remove "
+                f"{ckpt_dir} to start this one over).")
+    pick = others[-1]
+    return (f"Complete checkpoints{' besides ' + bad if bad else ''}: {', '.join(others)}. Use one: "
+            f"evaluate.py/export.py --checkpoint {pick}; to resume training from it, write its tag into "
+            f"{ckpt_dir / LATEST} (echo {pick} > {ckpt_dir / LATEST}).")
+
+
+def _read_marker(ckpt_dir: Path, name: str) -> Optional[str]:
+    """The tag a marker file (``latest``, ``best``) names, if the file exists and names a COMPLETE checkpoint."""
+    marker = ckpt_dir / name
+    if not marker.is_file():
+        return None
+    tag = marker.read_text().strip()
+    if not tag or not (ckpt_dir / tag / COMPLETE).is_file():
+        raise CheckpointError(
+            f"{marker} names {tag!r}, which is not a complete checkpoint (the file was edited or the checkpoint "
+            f"deleted); point it at a directory under {ckpt_dir} that contains {COMPLETE}. {_others_hint(ckpt_dir)}")
+    return tag
+
+
+def read_latest(ckpt_dir: str | os.PathLike) -> Optional[str]:
+    """The tag ``latest`` names, if it exists and that checkpoint is COMPLETE; else None."""
+    return _read_marker(Path(ckpt_dir), LATEST)
+
+
+def resolve_tag(ckpt_dir: str | os.PathLike, checkpoint: Optional[str] = None) -> str:
+    """The checkpoint evaluate.py and export.py use: ``checkpoint`` is a tag, ``best``, ``latest``
+    or None, which means ``best`` when the run has that marker and ``latest`` otherwise."""
+    ckpt_dir = Path(ckpt_dir)
+    if checkpoint in (None, BEST):
+        tag = _read_marker(ckpt_dir, BEST)  # strict: a marker naming a missing checkpoint is an error here
+        if tag is not None:
+            return tag
+        if checkpoint == BEST:
+            raise CheckpointError(
+                f"--checkpoint best: {ckpt_dir / BEST} does not exist (the run was not trained with "
+                f"checkpoint.select=best, or no validation has run yet). Use --checkpoint latest or a tag. "
+                f"{_others_hint(ckpt_dir)}")
+    if checkpoint in (None, BEST, LATEST):
+        tag = read_latest(ckpt_dir)
+        if tag is None:
+            raise CheckpointError(f"{ckpt_dir} has no complete checkpoint ('{LATEST}' is missing): the run saved none "
+                                  "yet; train it further, or pass the run.dir that holds its checkpoints")
+        return tag
+    if not (ckpt_dir / checkpoint).is_dir():
+        raise CheckpointError(f"checkpoint {checkpoint!r} does not exist under {ckpt_dir}. {_others_hint(ckpt_dir)}")
+    if not (ckpt_dir / checkpoint / COMPLETE).is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir / checkpoint} is incomplete (no {COMPLETE}: its save was cut "
+                              f"short). {_others_hint(ckpt_dir, checkpoint)}")
+    return checkpoint
 
 
 def prepare_tag_dir(ckpt_dir: Path, tag: str) -> None:
@@ -151,12 +207,15 @@ def write_rank_state(ckpt_dir: Path, tag: str, rank: int, state: TrainState, rng
 
 
 def commit(ckpt_dir: Path, tag: str, keep_last: int, best: bool = False) -> list[str]:
-    """Rank 0, after every rank wrote its files: mark COMPLETE, point ``latest`` at it (and
-    ``best`` when ``best``), prune.
+    """Rank 0, after every rank wrote its files: copy RUN_DIR/config.yaml into it, mark it
+    COMPLETE, point ``latest`` at it (and ``best`` when ``best``), prune.
 
     Returns the tags removed. Only checkpoints older than the new one are pruned, and the
     partial directories of killed saves are removed with them; the one ``best`` names is kept.
     """
+    run_config = ckpt_dir.parent / "config.yaml"
+    if run_config.is_file():  # the settings this checkpoint was trained with (check_model_matches)
+        atomic_write_bytes(ckpt_dir / tag / "config.yaml", run_config.read_bytes())
     atomic_write_bytes(ckpt_dir / tag / COMPLETE, b"")
     atomic_write_bytes(ckpt_dir / LATEST, tag.encode())
     if best:  # after latest: a kill in between leaves TrainState.best_val["tag"], which resume re-marks
@@ -196,8 +255,307 @@ def read_rank_state(ckpt_dir: Path, tag: str, rank: int) -> tuple[TrainState, di
             f"checkpoint {tag} has no train state for rank {rank} ({len(saved)} ranks saved it). "
             f"Resume with the same number of ranks it was written with."
         )
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    # Every rank checks every file of the tag (central directories only: cheap), so a truncated
+    # shard of one rank stops all ranks with the same message instead of one rank.
+    verify_checkpoint_files(ckpt_dir, tag)
+    blob = safe_torch_load(path)
     return TrainState.from_dict(blob["train_state"]), blob["rng"]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading safely: weights-only everywhere, and a named file when one is damaged
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its checkpoints, found by loading ZeRO
+    0/1/2/3 checkpoints (fp32, bf16, optimizer offload, 1 and 2 ranks) with weights_only=True:
+    the loss scaler (fp16 uses DynamicLossScaler), the ZeRO stage enum and bf16/ZeRO-1/2
+    fragment addresses. All are plain records: unpickling sets attributes, it runs nothing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Inside this block every ``torch.load`` is weights-only, also DeepSpeed's own (its checkpoint
+    engine and zero_to_fp32 pass ``weights_only=False``), with DeepSpeed's checkpoint records allowed.
+
+    torch reads ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` on every call and then ignores the caller's
+    ``weights_only=False``; the variable is set only for the block (and a user's
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``, which would make torch refuse both, is lifted for it).
+    """
+    saved = {k: os.environ.get(k) for k in (_FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    os.environ.pop(_FORCE_NO_WEIGHTS_ONLY, None)
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _load_error(path: Path, err: BaseException) -> CheckpointError:
+    """A CheckpointError naming ``path`` for a failed torch.load: refused as unsafe, or damaged."""
+    path = Path(path)
+    tag_dir = path.parent
+    ckpt_dir, tag = tag_dir.parent, tag_dir.name
+    text = str(err)
+    # torch's weights-only refusals start with a generic paragraph; the line that names the
+    # offending global or opcode follows it.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    specific = [ln for ln in lines[1:] if not ln.startswith("Check the documentation")] if "Weights only load failed" in text else []
+    if specific and any("GLOBAL" in ln or "global" in ln for ln in specific):
+        detail = next(ln for ln in specific if "GLOBAL" in ln or "global" in ln)
+        return CheckpointError(
+            f"refused to load {path}: its pickle asks for something a mindeye_dist/DeepSpeed checkpoint never "
+            f"contains ({detail}). Loading it could run code from whoever wrote the file, so it is not loaded. "
+            f"Use run directories you trust; if this one is yours and was written by another DeepSpeed version "
+            f"(which pickles other classes), export it with that version. {_others_hint(ckpt_dir, tag)}")
+    text = specific[0] if specific else text
+    if isinstance(err, FileNotFoundError):
+        return CheckpointError(f"checkpoint file {path} is missing. {_others_hint(ckpt_dir, tag)}")
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return CheckpointError(f"checkpoint file {path} is truncated or corrupt ({first}). {_others_hint(ckpt_dir, tag)}")
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with DeepSpeed's records allowed; any failure is a
+    CheckpointError naming the file (truncated, corrupt, or refused as unsafe)."""
+    try:
+        with weights_only_loading():
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
+            AttributeError, zipfile.BadZipFile) as err:
+        raise _load_error(Path(path), err) from err
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _archive_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete torch zip archive (None if it is, or is in torch's legacy
+    format, which only a full load can check). Reads the central directory, not the tensors."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        return None if magic[:1] == b"\x80" else "the file does not start like a torch checkpoint"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        # The central directory is written last: a cut-short write has none.
+        return f"{size} bytes, no complete zip directory: {err}"
+    for record in records:
+        if record.header_offset + record.compress_size > size:
+            return f"{size} bytes, but record {record.filename} ends past the end of the file"
+    return None
+
+
+def verify_checkpoint_files(ckpt_dir: str | os.PathLike, tag: str, unpickle: bool = False) -> list[Path]:
+    """Check every ``*.pt`` file of checkpoint ``tag`` before anything is loaded from it.
+
+    Always: each is a complete archive (cheap: its central directory). With ``unpickle``: each
+    also unpickles weights-only (tensors memory-mapped, not read), so an unsafe pickle is refused
+    here, naming its file. Raises CheckpointError; returns the files.
+    """
+    tag_dir = Path(ckpt_dir) / tag
+    files = sorted(tag_dir.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"checkpoint {tag_dir} holds no .pt files. {_others_hint(Path(ckpt_dir), tag)}")
+    for path in files:
+        problem = _archive_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({problem}). "
+                                  f"{_others_hint(Path(ckpt_dir), tag)}")
+        if unpickle:
+            safe_torch_load(path, mmap=_is_zip(path))
+    return files
+
+
+def safe_deepspeed_load(ds_engine: Any, ckpt_dir: str | os.PathLike, tag: str, **load_kwargs: Any) -> Any:
+    """``ds_engine.load_checkpoint(ckpt_dir, tag, **load_kwargs)`` with every file read weights-only.
+
+    Files are verified first; the model's parameter shapes are compared with the checkpoint's
+    (a ConfigError naming the parameters instead of DeepSpeed's size mismatch); a file DeepSpeed's
+    checkpoint engine fails to read is named in a CheckpointError. Returns what
+    ``load_checkpoint`` returns.
+    """
+    verify_checkpoint_files(ckpt_dir, tag)
+    current = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in ds_engine.module.named_parameters()}
+    differences = shape_differences(checkpoint_param_shapes(ckpt_dir, tag), current)
+    if differences:
+        raise ConfigError(_mismatch_message(Path(ckpt_dir), tag, differences, None))
+    engine = ds_engine.checkpoint_engine
+    original = engine.load
+
+    def load_naming_the_file(path: str, map_location: Any = None, **kwargs: Any) -> Any:
+        try:
+            return original(path, map_location=map_location, **kwargs)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
+            raise _load_error(Path(path), err) from err
+
+    had_own = "load" in vars(engine)
+    engine.load = load_naming_the_file  # this instance only, for this call
+    try:
+        with weights_only_loading():
+            return ds_engine.load_checkpoint(str(ckpt_dir), tag=tag, **load_kwargs)
+    finally:
+        if had_own:
+            engine.load = original
+        else:
+            del engine.load
+
+
+# --------------------------------------------------------------------------------------------
+# Does a checkpoint fit the model configured now?
+
+
+def data_dims(meta: Any) -> dict[str, Any]:
+    """The dataset dimensions a model is built with (``build_model``'s keyword arguments)."""
+    shape = meta.field_shape("vae")
+    return {"n_voxels": meta.n_voxels, "n_tokens": meta.n_tokens, "token_dim": meta.token_dim,
+            "lowlevel_shape": list(shape) if shape else None}
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_mp_rank_00_...
+    if not files:
+        raise CheckpointError(f"{tag_dir} has no mp_rank_00_model_states.pt: not a DeepSpeed checkpoint directory. "
+                              f"{_others_hint(tag_dir.parent, tag_dir.name)}")
+    return files[0]
+
+
+def checkpoint_param_shapes(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, tuple[int, ...]]:
+    """{parameter name: full shape} as the checkpoint's model-states file records them (tensors
+    memory-mapped, not read). Names are the engine module's (``model.`` prefix included)."""
+    states = safe_torch_load(_model_states_file(Path(ckpt_dir) / tag), mmap=True)
+    if states.get("param_shapes"):  # ZeRO 1-3: one {name: shape} per parameter group
+        shapes = {name: tuple(shape) for group in states["param_shapes"] for name, shape in group.items()}
+        shapes.update({n: tuple(v) for n, v in (states.get("frozen_param_shapes") or {}).items()})
+        return shapes
+    return {name: tuple(t.shape) for name, t in states["module"].items()}  # ZeRO-0: the whole module
+
+
+def shape_differences(saved: dict[str, tuple[int, ...]], current: dict[str, tuple[int, ...]],
+                      limit: int = 5) -> list[str]:
+    """Lines naming parameters whose shape differs, or that only one side has (``current`` are
+    parameters; ``saved`` may also hold buffers, which are ignored unless ``current`` has them)."""
+    lines = [f"{name}: checkpoint {list(saved[name])}, now {list(shape)}"
+             for name, shape in current.items() if name in saved and tuple(saved[name]) != tuple(shape)]
+    missing = [name for name in current if name not in saved]
+    if missing:
+        lines.append(f"in the model but not the checkpoint: {', '.join(missing[:limit])}"
+                     + (f" and {len(missing) - limit} more" if len(missing) > limit else ""))
+    if len(lines) > limit + 1:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
+def _resolved(model_cfg: Any, dims: Optional[dict[str, Any]]) -> Any:
+    from mindeye_dist.models.resolve import resolve_model_config
+
+    return resolve_model_config(model_cfg, **(dims or {}))
+
+
+_DATA_FIELDS = ("n_voxels", "subjects", "n_tokens", "token_dim", "lowlevel_shape")
+
+
+def config_differences(saved_cfg: Any, saved_dims: dict[str, Any], model_cfg: Any, dims: dict[str, Any]) -> list[str]:
+    """Lines naming each resolved model setting that differs: ``n_voxels: checkpoint 96, dataset 80``
+    for the data's dimensions, ``model.hidden_dim: checkpoint 32, now 64`` for settings. Values
+    that only follow from others (the same preset, the data) are listed when nothing else is."""
+    before, after = _resolved(saved_cfg, saved_dims), _resolved(model_cfg, dims)
+    primary, derived = [], []
+    for f in dataclasses.fields(before):
+        old, new = getattr(before, f.name), getattr(after, f.name)
+        if old == new or (f.name == "subjects" and len(old or {}) == len(new or {}) == 1 and before.n_voxels != after.n_voxels):
+            continue
+        if f.name in _DATA_FIELDS and getattr(model_cfg, f.name) is None:
+            primary.append(f"{f.name}: checkpoint {old}, dataset {new}")
+        elif f.name == "preset" or getattr(saved_cfg, f.name) is not None or getattr(model_cfg, f.name) is not None:
+            primary.append(f"model.{f.name}: checkpoint {old!r}, now {new!r}")
+        else:
+            derived.append(f"model.{f.name} (follows the preset or the data): checkpoint {old!r}, now {new!r}")
+    return primary or derived
+
+
+def _mismatch_message(ckpt_dir: Path, tag: str, differences: list[str], saved_data_url: Optional[str],
+                      saved_config: Optional[Path] = None) -> str:
+    trained_on = f", data.url={saved_data_url}" if saved_data_url else ""
+    settings = saved_config or ckpt_dir.parent / "config.yaml"
+    return (f"checkpoint {ckpt_dir / tag} does not fit the model configured now:\n  " + "\n  ".join(differences)
+            + f"\nUse the settings and the dataset the checkpoint was trained with ({settings}{trained_on}), "
+            "or train this configuration in a new run.dir.")
+
+
+def check_model_matches(run_dir: str | os.PathLike, model_cfg: Any, dims: Any, *,
+                        data_url: Optional[str] = None, tag: Optional[str] = None) -> None:
+    """Raise a ConfigError if checkpoint ``tag`` of the run in ``run_dir`` (or, without a tag,
+    the run) was trained with another model than ``model_cfg`` built on a dataset with ``dims``
+    (a dict like :func:`data_dims`, or the trainer's ``ModelDims``); ``data_url`` is that
+    dataset, for the message and to tell whether the dataset changed.
+
+    Compares the resolved model config the checkpoint was trained with (``TAG/config.yaml``,
+    copied there by :func:`commit`; else ``RUN_DIR/config.yaml``) with the current one, the
+    data dimensions taken from the dataset that config names when it is still readable; then
+    the parameter shapes the checkpoint records with those of the model built now (on the meta
+    device). The message names each differing setting (``model.hidden_dim: checkpoint 256, now
+    512``, ``n_voxels: checkpoint 2000, dataset 1800``) and the fix. Reads files only: every rank
+    may call it and gets the same verdict.
+    """
+    from mindeye_dist.config import load_config
+
+    dims = dict(dims.kwargs() if hasattr(dims, "kwargs") else dims)
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    candidates = ([ckpt_dir / tag / "config.yaml"] if tag else []) + [run_dir / "config.yaml"]
+    saved_path = next((p for p in candidates if p.is_file()), None)
+    differences: list[str] = []
+    saved_url = None
+    if saved_path is not None:
+        saved = load_config(saved_path)
+        saved_url = saved.data.url
+        saved_dims: Optional[dict[str, Any]] = dims
+        if data_url is not None and saved_url and saved_url.rstrip("/") != str(data_url).rstrip("/"):
+            saved_dims = _dims_of(saved_url, saved.data.s3_endpoint)
+        try:
+            differences = config_differences(saved.model, saved_dims or dims, model_cfg, dims)
+        except ConfigError as err:  # the saved settings do not resolve on today's data
+            differences = [str(err)]
+    if tag is not None and not differences:
+        from mindeye_dist.models import build_model
+
+        with torch.device("meta"):
+            model = build_model(model_cfg, **dims)
+        current = {f"model.{name}": tuple(p.shape) for name, p in model.named_parameters()}
+        differences = shape_differences(checkpoint_param_shapes(ckpt_dir, tag), current)
+    if differences:
+        raise ConfigError(_mismatch_message(ckpt_dir, tag or "", differences, saved_url, saved_path))
+
+
+def _dims_of(url: str, s3_endpoint: str) -> Optional[dict[str, Any]]:
+    """The dims of the dataset at ``url``, or None when it cannot be read any more."""
+    from mindeye_dist.data import read_meta
+
+    try:
+        return data_dims(read_meta(url, s3_endpoint=s3_endpoint or None))
+    except Exception:  # gone or unreachable: the parameter shapes still tell
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,30 +563,32 @@ def read_rank_state(ckpt_dir: Path, tag: str, rank: int) -> tuple[TrainState, di
 
 
 def consolidated_state_dict(ckpt_dir: str | os.PathLike, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """fp32 module weights from a DeepSpeed checkpoint of any ZeRO stage, on the CPU."""
+    """fp32 module weights from a DeepSpeed checkpoint of any ZeRO stage, on the CPU.
+
+    Every file is verified and read weights-only first (DeepSpeed's zero_to_fp32 then runs under
+    :func:`weights_only_loading` too); ``tag`` defaults to ``latest``.
+    """
     ckpt_dir = Path(ckpt_dir)
-    tag = tag or read_latest(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir} (no 'latest' file)")
+    tag = resolve_tag(ckpt_dir, tag or LATEST)
     tag_dir = ckpt_dir / tag
-    if not tag_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint {tag_dir} does not exist; available: {', '.join(complete_tags(ckpt_dir)) or 'none'}")
-    model_file = tag_dir / "mp_rank_00_model_states.pt"
+    verify_checkpoint_files(ckpt_dir, tag, unpickle=True)
     # ZeRO 1-3 write one "zero_pp_rank_*_optim_states.pt" per rank; ZeRO-0 keeps everything in the
     # model-states file.
-    stage = 1 if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")) else 0
-    if stage == 0:
-        # zero_to_fp32 does not handle ZeRO-0 checkpoints (stack notes): the module is saved whole.
-        if not model_file.is_file():
-            raise FileNotFoundError(f"{model_file} is missing; not a DeepSpeed checkpoint directory")
-        state = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
+    if not any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        # zero_to_fp32 fails on ZeRO-0 checkpoints ('NoneType' object is not iterable in
+        # parse_model_states): the module is saved whole, so read it directly.
+        state = safe_torch_load(_model_states_file(tag_dir))["module"]
         return {k: v.float().clone() for k, v in state.items()}
-    import contextlib
     import sys
 
     # DeepSpeed prints progress to stdout; keep stdout clean for tools that print JSON there.
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), weights_only_loading():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
+            # Every file was read weights-only above; what fails here is the shards' consistency.
+            raise CheckpointError(f"checkpoint {tag_dir} cannot be consolidated ({str(err).strip().splitlines()[0]}). "
+                                  f"{_others_hint(ckpt_dir, tag)}") from err
     return {k: v.float().contiguous().clone() for k, v in state.items()}

@@ -316,13 +316,61 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+"""Words a bool field accepts (YAML 1.1 read all of them as booleans; configs written that way still load)."""
+
+
+def _literal_for_bool(meaning: bool, allowed: tuple, key: str) -> Optional[str]:
+    """The one allowed word of a string Literal that means ``meaning`` ('true' before 'on'/'yes').
+
+    ``true``/``false`` (booleans after YAML) and the words ``on``/``off``/``yes``/``no`` reach a
+    Literal field that spells the choice differently (log.progress: on/off): they map to the
+    allowed word with the same meaning. None when no allowed word has it.
+    """
+    words = [a for a in allowed if isinstance(a, str) and _BOOL_WORDS.get(a.lower()) is meaning]
+    chosen = [a for a in words if a.lower() == str(meaning).lower()] or words
+    if len(chosen) > 1:
+        raise ConfigError(f"{key}={str(meaning).lower()} is ambiguous: {', '.join(map(repr, chosen))} all mean "
+                          f"{str(meaning).lower()}; write the one you mean, in quotes")
+    return chosen[0] if chosen else None
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars for configs: only true/false are booleans, and 1e-3 is a number.
+
+    PyYAML follows YAML 1.1, where ``on``/``off``/``yes``/``no`` are booleans: ``log.progress: off``
+    would arrive as False and could not be told apart from ``no``. Here they stay strings; bool
+    fields accept them (see ``_BOOL_WORDS``), Literal fields take them as written.
+    """
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789."))
+
+
+def yaml_load(text_or_stream: Any) -> Any:
+    """Parse config YAML with :class:`ConfigLoader` (YAML 1.2 booleans and exponent floats)."""
+    return yaml.load(text_or_stream, Loader=ConfigLoader)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` as type ``tp`` or raise a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value in allowed:
+        if any(value == a and type(value) is type(a) for a in allowed):
             return value
+        meaning = value if isinstance(value, bool) else _BOOL_WORDS.get(value.lower()) if isinstance(value, str) else None
+        if meaning is not None and not any(isinstance(a, bool) for a in allowed):
+            word = _literal_for_bool(meaning, allowed, key)
+            if word is not None:
+                return word
         raise ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -356,6 +404,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -427,12 +477,9 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
         raise ConfigError(f"override key {key!r} is not a dotted name (e.g. model.hidden_dim)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    # YAML 1.1 reads "1e-3" as a string; accept scientific notation as a number.
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-        value = float(value)
     return key.split("."), value
 
 
@@ -459,7 +506,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
     if not isinstance(data, dict):

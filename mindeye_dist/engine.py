@@ -146,7 +146,9 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={}, save_latest=False)
 
     def load(self, ckpt_dir: Path, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        from mindeye_dist.checkpoint import safe_deepspeed_load  # weights-only; names a damaged file
+
+        path, _ = safe_deepspeed_load(self.engine, ckpt_dir, tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
 

@@ -15,6 +15,7 @@ the section at the end of this file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 
@@ -388,27 +389,44 @@ def strip_training_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def load_run_model(run_dir: str, checkpoint: str | None = None, data_url: str | None = None):
-    """(model in eval mode on CPU, experiment config, dataset meta, checkpoint tag) for RUN_DIR."""
+    """(model in eval mode on CPU, experiment config, dataset meta, checkpoint tag) for RUN_DIR.
+
+    ``checkpoint``: a tag, ``best``, ``latest`` or None (``best`` if the run has that marker, else
+    ``latest``). The checkpoint is verified (complete files, weights-only pickles) and compared
+    with the model the run's config builds on the dataset (``data_url`` or the run's
+    ``data.url``) before any weights are read; either problem is an error naming the file or
+    the differing setting.
+    """
     from pathlib import Path
 
-    from mindeye_dist.checkpoint import consolidated_state_dict, read_latest
-    from mindeye_dist.config import load_config
+    from mindeye_dist.checkpoint import check_model_matches, consolidated_state_dict, data_dims, resolve_tag, verify_checkpoint_files
     from mindeye_dist.data import read_meta
     from mindeye_dist.models import build_model
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml); pass the run.dir a training run wrote")
-    cfg = load_config(run / "config.yaml", [f"data.url={data_url}"] if data_url else [])
-    tag = checkpoint or read_latest(run / "checkpoints")
-    if tag is None:
-        raise FileNotFoundError(f"{run / 'checkpoints'} has no complete checkpoint yet ('latest' is missing)")
+    cfg = run_config(run, data_url)
+    ckpt_dir = run / "checkpoints"
+    tag = resolve_tag(ckpt_dir, checkpoint)
+    verify_checkpoint_files(ckpt_dir, tag)
     meta = read_meta(cfg.data.url, s3_endpoint=cfg.data.s3_endpoint or None)
-    model = build_model(cfg.model, n_voxels=meta.n_voxels, n_tokens=meta.n_tokens, token_dim=meta.token_dim,
-                        lowlevel_shape=meta.field_shape("vae"))
-    state = strip_training_prefix(consolidated_state_dict(run / "checkpoints", tag))
+    dims = data_dims(meta)
+    check_model_matches(run, cfg.model, dims, data_url=cfg.data.url, tag=tag)
+    model = build_model(cfg.model, **dims)
+    state = strip_training_prefix(consolidated_state_dict(ckpt_dir, tag))
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg, meta, tag
+
+
+def run_config(run_dir, data_url: str | None = None):
+    """The experiment config a run was trained with (``RUN_DIR/config.yaml``), on ``data_url`` if given."""
+    from pathlib import Path
+
+    from mindeye_dist.config import load_config
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml); pass the run.dir a training run wrote")
+    return load_config(run / "config.yaml", [f"data.url={data_url}"] if data_url else [])
 
 
 @torch.no_grad()
@@ -447,40 +465,76 @@ def ridge_for_data(data_cfg, split: str, way: int, loops: int, seed: int) -> dic
     return res
 
 
+def check_retrieval_args(meta, split: str, way: int, loops: int) -> None:
+    """Fail before any work when ``split`` is too small for a ``way``-way retrieval; the advice
+    names a ``--way`` the CLI accepts (a smaller way gives numbers not comparable with the
+    published 300-way ones, so it is the user's choice, never made silently)."""
+    from mindeye_dist.errors import ConfigError
+
+    if way < 2:
+        raise ConfigError(f"--way {way} is invalid: a retrieval trial needs at least 2 candidates (300 in MindEye)")
+    if loops < 1:
+        raise ConfigError(f"--loops {loops} is invalid: pass 1 or more (30 in MindEye)")
+    n = meta.split(split).count
+    if n < 2:
+        raise ConfigError(f"split {split!r} of {meta.url} has {n} sample(s): retrieval needs at least 2; pick another --split")
+    if n < way:
+        raise ConfigError(
+            f"split {split!r} of {meta.url} has {n} samples, fewer than --way {way}: a {way}-way retrieval needs at "
+            f"least {way}. Pass --way {n} (or smaller); the numbers are then {n}-way, not comparable with published "
+            f"{way}-way results.")
+
+
 def evaluate_run(run_dir: str | None, data_url: str | None = None, split: str = "test", checkpoint: str | None = None,
                  way: int = 300, loops: int = 30, seed: int = 0, baseline: str | None = None,
-                 save_predictions: str | None = None) -> dict:
+                 save_predictions: str | None = None, out: str | None = None) -> dict:
     """The ``launchers/evaluate.py`` contract: ``retrieval.image_top1`` / ``retrieval.brain_top1``.
 
     ``baseline="ridge"`` adds (or, without a run, only computes) the ridge baseline on the same
     data; a synthetic dataset's ceiling (the best any decoder could do) is copied from meta.json.
+    ``out`` (the metrics JSON) and ``save_predictions`` (.npy, written to exactly that path) are
+    checked before anything is computed and written atomically at the end.
     """
-    from mindeye_dist.config import DataConfig, load_config
+    from mindeye_dist.fsutil import atomic_output, atomic_write_bytes, check_output_file
+
+    if out:  # before anything else: an unwritable place must not cost an evaluation
+        check_output_file(out, "--out")
+    if save_predictions:
+        check_output_file(save_predictions, "--save-predictions")
+    from mindeye_dist.config import DataConfig
     from mindeye_dist.data import read_meta
+
+    if baseline not in (None, "ridge"):
+        raise ValueError(f"unknown baseline {baseline!r}; available: ridge")
+    if run_dir is not None:
+        data_cfg = run_config(run_dir, data_url).data
+    elif not data_url or baseline is None:
+        raise ValueError("evaluate: pass --run RUN_DIR, or --data URL with --baseline ridge")
+    else:
+        if save_predictions:
+            raise ValueError("--save-predictions needs --run (the predictions are the run's model outputs)")
+        data_cfg = DataConfig(url=data_url)
+    meta = read_meta(data_cfg.url, s3_endpoint=data_cfg.s3_endpoint or None)
+    check_retrieval_args(meta, split, way, loops)
 
     result: dict = {"split": split}
     if run_dir is not None:
         model, cfg, meta, tag = load_run_model(run_dir, checkpoint, data_url)
-        data_cfg = cfg.data
         preds, targets = predict_split(model, data_cfg, split)
         result.update(checkpoint=tag, n=int(len(preds)))
         result["retrieval"] = retrieval_accuracy(preds, targets, way=way, loops=loops, seed=seed)
         if save_predictions:
-            np.save(save_predictions, preds.astype(np.float32))
+            with atomic_output(save_predictions) as tmp, open(tmp, "wb") as f:
+                np.save(f, preds.astype(np.float32))  # a file object: np.save would append .npy to a name
             result["predictions"] = str(save_predictions)
-    else:
-        if not data_url or baseline is None:
-            raise ValueError("evaluate: pass --run RUN_DIR, or --data URL with --baseline ridge")
-        data_cfg = DataConfig(url=data_url)
-        meta = read_meta(data_url)
     if baseline == "ridge":
         result.setdefault("baselines", {})["ridge"] = ridge_for_data(data_cfg, split, way, loops, seed)
         if run_dir is None:
             result["retrieval"] = result["baselines"]["ridge"]
-    elif baseline is not None:
-        raise ValueError(f"unknown baseline {baseline!r}; available: ridge")
     ceiling = meta.raw.get("retrieval_ceiling")  # synthetic datasets only; computed at its own "way"
     if ceiling:
         result["ceiling"] = ceiling
     result["chance"] = 1.0 / way
+    if out:
+        atomic_write_bytes(out, (json.dumps(result, indent=2, default=float) + "\n").encode())
     return result

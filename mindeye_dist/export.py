@@ -15,32 +15,38 @@ import torch
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: Optional[str] = None) -> dict:
-    """Write ``out`` (.safetensors) from RUN_DIR's latest (or named) checkpoint; returns a summary."""
+    """Write ``out`` (.safetensors) from one of RUN_DIR's checkpoints; returns a summary.
+
+    ``checkpoint``: a tag, ``best``, ``latest`` or None (``best`` if the run has that marker,
+    else ``latest``). ``out`` is checked before anything is read, the checkpoint is verified and
+    read weights-only, and the file appears atomically with the umask's mode (0644 under 022).
+    """
     from safetensors.torch import save_file
 
-    from mindeye_dist.checkpoint import consolidated_state_dict, read_latest
-    from mindeye_dist.config import load_config, to_dict
+    from mindeye_dist.checkpoint import check_model_matches, consolidated_state_dict, data_dims, resolve_tag, verify_checkpoint_files
+    from mindeye_dist.config import to_dict
     from mindeye_dist.data import read_meta
-    from mindeye_dist.evaluate import strip_training_prefix
+    from mindeye_dist.errors import ConfigError
+    from mindeye_dist.evaluate import run_config, strip_training_prefix
+    from mindeye_dist.fsutil import atomic_output, check_output_file
 
+    out = check_output_file(out, "--out")
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml)")
-    cfg = load_config(run / "config.yaml")
-    tag = checkpoint or read_latest(run / "checkpoints")
-    if tag is None:
-        raise FileNotFoundError(f"{run / 'checkpoints'} has no complete checkpoint ('latest' is missing)")
-    state = strip_training_prefix(consolidated_state_dict(run / "checkpoints", tag))
-    meta = read_meta(cfg.data.url, s3_endpoint=cfg.data.s3_endpoint or None)
-    dims = {"n_voxels": meta.n_voxels, "n_tokens": meta.n_tokens, "token_dim": meta.token_dim,
-            "lowlevel_shape": list(meta.field_shape("vae") or []) or None}
+    cfg = run_config(run)
+    ckpt_dir = run / "checkpoints"
+    tag = resolve_tag(ckpt_dir, checkpoint)
+    verify_checkpoint_files(ckpt_dir, tag)
+    dims = data_dims(read_meta(cfg.data.url, s3_endpoint=cfg.data.s3_endpoint or None))
+    check_model_matches(run, cfg.model, dims, data_url=cfg.data.url, tag=tag)
+    state = strip_training_prefix(consolidated_state_dict(ckpt_dir, tag))
     header = {"model": json.dumps(to_dict(cfg.model)), "dims": json.dumps(dims), "checkpoint": tag, "format": "mindeye_dist/1"}
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, out)
+    try:
+        with atomic_output(out) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+    except OSError as err:  # e.g. the disk filled up: name --out, not the temporary file
+        raise ConfigError(f"--out {str(out)!r} could not be written ({err.strerror or err}); free space or choose "
+                          "another place") from err
     return {"out": str(out), "checkpoint": tag, "tensors": len(tensors), "parameters": int(sum(t.numel() for t in tensors.values()))}
 
 

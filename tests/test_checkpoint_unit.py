@@ -46,7 +46,7 @@ def test_latest_naming_an_incomplete_checkpoint_is_an_error(tmp_path):
     d = tmp_path / "checkpoints"
     d.mkdir()
     (d / "latest").write_text("step_0000009")
-    with pytest.raises(RuntimeError, match="not a complete checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.read_latest(d)
 
 
@@ -75,3 +75,36 @@ def test_train_state_and_rng_round_trip(tmp_path):
     assert expected[2] == again[2] and torch.equal(expected[3], again[3])
     with pytest.raises(RuntimeError, match="no train state for rank 0"):
         ckpt.read_rank_state(d, tag, 0)
+
+
+def test_commit_never_prunes_the_best_checkpoint(tmp_path):
+    d = tmp_path / "checkpoints"
+    ckpt.commit(d, _fake_save(d, 10), keep_last=1)
+    (d / "best").write_text("step_0000010")  # as the trainer writes it when validation selects step 10
+    for step in (20, 30):
+        ckpt.commit(d, _fake_save(d, step), keep_last=1)
+    assert ckpt.complete_tags(d) == ["step_0000010", "step_0000030"]
+    assert ckpt.read_best(d) == "step_0000010" and ckpt.read_latest(d) == "step_0000030"
+
+
+def test_resolve_tag_names_what_exists(tmp_path):
+    d = tmp_path / "checkpoints"
+    with pytest.raises(ckpt.CheckpointError, match="has no complete checkpoint"):
+        ckpt.resolve_tag(d)
+    ckpt.commit(d, _fake_save(d, 5), keep_last=3)
+    _fake_save(d, 6)  # cut short: no COMPLETE
+    assert ckpt.resolve_tag(d) == ckpt.resolve_tag(d, "latest") == ckpt.resolve_tag(d, "step_0000005") == "step_0000005"
+    with pytest.raises(ckpt.CheckpointError, match=r"'step_0000007' does not exist .*step_0000005.*--checkpoint step_0000005"):
+        ckpt.resolve_tag(d, "step_0000007")
+    with pytest.raises(ckpt.CheckpointError, match=r"step_0000006 is incomplete .*besides step_0000006: step_0000005"):
+        ckpt.resolve_tag(d, "step_0000006")
+
+
+def test_an_empty_or_foreign_file_is_named(tmp_path):
+    d = tmp_path / "checkpoints"
+    tag = _fake_save(d, 3)  # its model-states file holds b"x": not a torch file at all
+    with pytest.raises(ckpt.CheckpointError, match=r"mp_rank_00_model_states.pt is truncated or corrupt \(the file does not"):
+        ckpt.verify_checkpoint_files(d, tag)
+    (d / tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match=r"\(the file is empty\).*No other complete checkpoint"):
+        ckpt.verify_checkpoint_files(d, tag)

@@ -107,3 +107,92 @@ def test_every_shipped_experiment_yaml_loads():
     paths = sorted((REPO / "launchers" / "configs").glob("*.yaml"))
     for path in paths:
         load_config(path)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML booleans: on/off/yes/no are words, not booleans (YAML 1.1 made log.progress=off a False)
+
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
+def _literal_fields(cls, prefix=""):
+    """(dotted key, Literal args) of every Literal field under ``cls``, Optional/Union included."""
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _literal_fields(tp, key + ".")
+            continue
+        for arg in (tp, *typing.get_args(tp)):
+            if typing.get_origin(arg) is typing.Literal:
+                yield key, typing.get_args(arg)
+
+
+WORD_FIELDS = [(key, word) for key, args in _literal_fields(ExperimentConfig) for word in args
+               if isinstance(word, str) and word.lower() in _BOOL_WORDS]
+
+
+def test_the_literal_fields_with_on_off_words_are_found():
+    assert ("log.progress", "off") in WORD_FIELDS and ("log.progress", "on") in WORD_FIELDS
+
+
+@pytest.mark.parametrize("key, word", WORD_FIELDS)
+def test_every_on_off_literal_value_loads_from_yaml_and_overrides(tmp_path, key, word):
+    def get(cfg):
+        for part in key.split("."):
+            cfg = getattr(cfg, part)
+        return cfg
+
+    *sections, name = key.split(".")
+    for spelled in (word, word.upper(), word.capitalize()):
+        path = tmp_path / "exp.yaml"
+        nested = "".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections))
+        path.write_text(f"{nested}{'  ' * len(sections)}{name}: {spelled}\n")  # unquoted, as users write it
+        assert get(load_config(path)) == word and get(load_config(None, [f"{key}={spelled}"])) == word
+    # true/false and the synonyms map to the allowed word with the same meaning
+    for synonym, meaning in _BOOL_WORDS.items():
+        if meaning is _BOOL_WORDS[word.lower()]:
+            assert get(load_config(None, [f"{key}={synonym}"])) == word
+
+
+def test_a_bool_that_fits_two_words_asks_for_quotes():
+    from typing import Literal
+
+    from mindeye_dist.config import from_dict
+
+    @dataclasses.dataclass
+    class Choice:
+        mode: Literal["on", "yes", "off"] = "off"
+
+    assert from_dict(Choice, {"mode": False}).mode == "off"
+    with pytest.raises(ConfigError, match=r"mode=true is ambiguous: 'on', 'yes' all mean true; write the one you mean"):
+        from_dict(Choice, {"mode": True})
+
+
+def test_bool_fields_accept_the_yaml_1_1_words(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("log:\n  tensorboard: off\n  jsonl: yes\nmodel:\n  lowlevel: on\n")
+    cfg = load_config(path, ["loss.gather_negatives=on"])
+    assert cfg.log.tensorboard is False and cfg.log.jsonl is True and cfg.loss.gather_negatives is True
+    assert cfg.model.lowlevel is True  # Union[bool, Literal["auto"]]: the word is a bool
+    assert load_config(None, ["model.lowlevel=auto"]).model.lowlevel == "auto"
+
+
+def test_a_bad_word_is_named_without_contradiction():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["log.progress=maybe"])
+    assert str(info.value) == "log.progress='maybe' is invalid: expected one of 'auto', 'on', 'off'"
+    with pytest.raises(ConfigError, match=r"train.precision=False is invalid: expected one of 'fp32'"):
+        load_config(None, ["train.precision=false"])
+
+
+def test_yaml_file_exponent_floats_and_dump_round_trip(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim:\n  max_lr: 1e-3\nlog:\n  progress: off\nrun:\n  name: yes\n")
+    cfg = load_config(path)
+    assert cfg.optim.max_lr == pytest.approx(1e-3) and cfg.run.name == "yes"
+    dump_config(cfg, tmp_path / "out.yaml")
+    again = load_config(tmp_path / "out.yaml")
+    assert again == cfg and yaml.safe_load((tmp_path / "out.yaml").read_text())["log"]["progress"] == "off"
