@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
     overrides = [*args.overrides, f"data.url={args.data}"] + ([f"run.ds_config={args.ds_config}"] if args.ds_config else [])
+    from mindeye_dist.checkpoint import CheckpointError
     from mindeye_dist.data.errors import DataError
     from mindeye_dist.ds_config import DSConfigError
     from mindeye_dist.finetune import finetune_config
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             config = Path(__file__).resolve().parents[1] / config
         cfg = finetune_config(load_config(config, overrides), args.source, args.subject)
         run(cfg)
-    except (ConfigError, DSConfigError, DataError, TrainingAborted) as err:
+    except (ConfigError, DSConfigError, DataError, TrainingAborted, CheckpointError) as err:
         print(f"[rank {os.environ.get('RANK', '0')}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from mindeye_dist.checkpoint import CheckpointError
     from mindeye_dist.data.errors import DataError
     from mindeye_dist.ds_config import DSConfigError
     from mindeye_dist.train import run
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(cfg)
-    except (ConfigError, DSConfigError, DataError, TrainingAborted) as err:
+    except (ConfigError, DSConfigError, DataError, TrainingAborted, CheckpointError) as err:
         # An answer, not a traceback: these name the cause and the fix. Every rank that hits one
         # says so (the launcher interleaves their stderr), prefixed with its rank.
         rank = os.environ.get("RANK", "0")

@@ -430,13 +430,30 @@ def run_config(run_dir, data_url: str | None = None):
 
 
 @torch.no_grad()
-def predict_split(model, data_cfg, split: str, batch_size: int = 300) -> tuple[np.ndarray, np.ndarray]:
-    """Retrieval-submodule outputs and targets for ``split`` in row order (repetitions averaged)."""
-    from mindeye_dist.data import build_eval_loader
+def adapter_index(model, meta) -> int:
+    """The adapter of ``model`` that the dataset's subject goes through (by name, never position)."""
+    from mindeye_dist.data.multi import subject_name
 
+    names = model.config.subject_names()
+    if len(names) == 1:
+        return 0
+    name = subject_name(meta)
+    if name not in names:
+        raise ValueError(f"{meta.url} holds subject {name}; the model has adapters for {names} only: evaluate a "
+                         "subject it was trained on, or fine-tune it on this one (launchers/finetune.py)")
+    return names.index(name)
+
+
+def predict_split(model, data_cfg, split: str, batch_size: int = 300, meta=None) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieval-submodule outputs and targets for ``split`` in row order (repetitions averaged)."""
+    from mindeye_dist.data import build_eval_loader, read_meta
+
+    meta = meta or read_meta(data_cfg.url, data_cfg.s3_endpoint or None)
+    subject = adapter_index(model, meta)
     preds, targets = [], []
-    for batch in build_eval_loader(data_cfg, split, batch_size=batch_size):
-        out = model(batch.voxels, batch.subject)
+    for batch in build_eval_loader(data_cfg, split, batch_size=batch_size, meta=meta):
+        with torch.no_grad():
+            out = model(batch.voxels, subject)
         preds.append(out.projector.float().numpy())
         targets.append(batch.targets.float().numpy())
     return np.concatenate(preds), np.concatenate(targets)
@@ -520,7 +537,7 @@ def evaluate_run(run_dir: str | None, data_url: str | None = None, split: str = 
     result: dict = {"split": split}
     if run_dir is not None:
         model, cfg, meta, tag = load_run_model(run_dir, checkpoint, data_url)
-        preds, targets = predict_split(model, data_cfg, split)
+        preds, targets = predict_split(model, data_cfg, split, meta=meta)
         result.update(checkpoint=tag, n=int(len(preds)))
         result["retrieval"] = retrieval_accuracy(preds, targets, way=way, loops=loops, seed=seed)
         if save_predictions:

@@ -176,8 +176,11 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
     from mindeye_dist.faults import faults_from_env
     from mindeye_dist.metrics import ProgressBar, build_loggers, device_peak_flops, truncate_jsonl
 
+    from mindeye_dist.fsutil import check_writable_dir
+
     beat = watchdog.beat if watchdog is not None else (lambda: None)
     run_dir = Path(cfg.run.dir)
+    check_writable_dir(run_dir, key="run.dir")  # a file, or not writable: named, before anything starts
     setup_logging(run_dir, rank)
     hostmem.apply(cfg.train.host_memory, device.type)  # before the first large allocation
     ds = resolve_ds_config(load_ds_config(cfg.run.ds_config), cfg, world_size)  # fails before allocating
@@ -185,6 +188,10 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
         raise ConfigError("train.precision=fp16 is not supported on CPU (DeepSpeed refuses it, matmuls crawl); use fp32 or bf16")
     metas, skip_shards = _datasets(cfg)
     dims = ModelDims.from_metas(metas)
+    ckpt_dir = run_dir / "checkpoints"
+    tag = ckpt.read_latest(ckpt_dir)
+    if tag is not None:  # resuming with another model or dataset: name each differing setting
+        ckpt.check_model_matches(run_dir, cfg.model, dims, data_url=cfg.data.url, tag=tag)
     trainer = Trainer(cfg, dims, rank=rank, world_size=world_size, device=device, ds_config=ds,
                       faults=faults_from_env(), skip_shards=skip_shards)
     if rank == 0:
@@ -194,9 +201,7 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
         table = trainer.model.config.subject_table()
         dump_config(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, subjects=table)), run_dir / "config.yaml")
         write_ds_config(ds, run_dir / "ds_config.resolved.json")
-    ckpt_dir = run_dir / "checkpoints"
     resume_rng = None
-    tag = ckpt.read_latest(ckpt_dir)
     if tag is not None:
         resume_rng = trainer.load(ckpt_dir, tag)
         state = trainer.state

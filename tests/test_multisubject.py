@@ -103,6 +103,20 @@ def test_multi_subject_run_then_fine_tune_a_new_subject_on_two_ranks(tmp_path, s
     assert {"val/subj02/image_top1", "val/subj05/image_top1", "val/image_top1"} <= val.keys()
     assert val["val/image_top1"] == pytest.approx((val["val/subj02/image_top1"] + val["val/subj05/image_top1"]) / 2)
 
+    # Each subject is evaluated through its own adapter (by name), on its own dataset.
+    from mindeye_dist.evaluate import adapter_index, load_run_model
+
+    for subject, expect in ((2, "subj02"), (5, "subj05")):
+        model, _, meta, _ = load_run_model(str(run), data_url=subjects[subject])
+        assert model.config.subject_names()[adapter_index(model, meta)] == expect
+        proc = subprocess.run([sys.executable, str(REPO / "launchers/evaluate.py"), "--run", str(run), "--data",
+                               subjects[subject], "--split", "val", "--way", "8", "--loops", "3"], cwd=REPO, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    model, _, meta, _ = load_run_model(str(run), data_url=subjects[2])
+    with pytest.raises(ValueError, match="holds subject subj07"):
+        adapter_index(model, read_meta(subjects[7]))
+
     ft = tmp_path / "finetune"
     cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port()),
            str(REPO / "launchers/finetune.py"), "--ds_config", ds, "--from", str(run), "--subject", "7",

@@ -248,3 +248,52 @@ def test_nsd_download_to_trained_and_evaluated_model(weights, tmp_path):
     launch("evaluate.py", "--run", run, "--split", "test", "--way", 8, "--loops", 2, "--out", out)
     metrics = json.loads(out.read_text())
     assert metrics["n"] == meta.splits["test"].count and 0.0 <= metrics["retrieval"]["image_top1"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_nsd_mindeye2_path_pretrain_two_subjects_then_one_session_fine_tune(weights, tmp_path):
+    """MindEye2's path on the miniature NSD tree through the launchers: import three subjects,
+    pretrain on two at once (2 ranks, per-subject batches), fine-tune the third on its first session
+    with a fresh adapter, evaluate it on the shared test images."""
+    pytest.importorskip("nibabel")
+    from mindeye_dist.distributed import free_port
+    from tests.nsd_tree import build_mini_nsd
+
+    tree = build_mini_nsd(tmp_path / "nsd", sessions=(1, 2, 3))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def launch(*cmd):
+        r = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    def prepare(subject, out, *extra):
+        launch(sys.executable, ROOT / "launchers/prepare_data.py", "nsd", "--nsd-root", tree.root, "--subject", subject,
+               "--out", out, "--image-size", 32, "--quiet", *extra)
+        launch(sys.executable, ROOT / "launchers/prepare_data.py", "targets", "--data", out, "--encoder",
+               "clip-l14-mindeye1", "--weights", weights["clip"], "--arch",
+               "tiny-vit-test", "--model-config", weights["config"], "--quiet")
+        return str(out)
+
+    s2, s3 = prepare(2, tmp_path / "s2", "--sessions", "1-3"), prepare(3, tmp_path / "s3", "--sessions", "1-3")
+    s1 = prepare(1, tmp_path / "s1_1sess", "--sessions", "1", "--test-sessions", "1-3", "--zscore", "session-nonshared")
+    deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2"]
+    tiny = ROOT / "launchers/configs/tiny.yaml"
+    pre, ft = tmp_path / "pretrain", tmp_path / "finetune"
+    launch(*deepspeed, "--master_port", free_port(), ROOT / "launchers/train.py", "--ds_config", ROOT / "ds_configs/zero2.json",
+           "--config", tiny, f"data.url={s2}", f"data.datasets=[{s3}]", f"run.dir={pre}", "train.max_steps=4",
+           "train.micro_batch_size=4", "model.lowlevel=false")
+    launch(*deepspeed, "--master_port", free_port(), ROOT / "launchers/finetune.py", "--ds_config",
+           ROOT / "ds_configs/zero2.json", "--from", pre, "--subject", 1, "--data", s1, "--config", tiny, f"run.dir={ft}",
+           "train.max_steps=4", "train.micro_batch_size=4", "model.lowlevel=false")
+    out = tmp_path / "test.json"
+    launch(sys.executable, ROOT / "launchers/evaluate.py", "--run", ft, "--split", "test", "--way", 8, "--loops", 2,
+           "--out", out)
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == read_meta(s1).splits["test"].count and 0.0 <= metrics["retrieval"]["brain_top1"] <= 1.0
+    from mindeye_dist.config import load_config
+
+    assert load_config(pre / "config.yaml").model.subjects.keys() == {"subj02", "subj03"}
+    assert load_config(ft / "config.yaml").model.subjects.keys() == {"subj01"}
