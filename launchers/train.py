@@ -14,7 +14,8 @@ NUMA nodes as CPU "accelerators")::
     torchrun --standalone --nproc_per_node 2 launchers/train.py --ds_config ds_configs/zero2.json \
         --config launchers/configs/demo.yaml
 
-Several nodes (hostfile lines look like ``node1 slots=8``)::
+Several nodes (a hostfile like ``cluster/hostfile.example``: ``node1 slots=8`` per line; SLURM
+batch scripts that build it are in ``cluster/slurm/``)::
 
     deepspeed --hostfile cluster/hostfile --num_nodes 4 --num_gpus 8 launchers/train.py \
         --ds_config ds_configs/zero2.json --config launchers/configs/mindeye1.yaml \

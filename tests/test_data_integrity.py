@@ -230,6 +230,7 @@ def _merge_rank(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_skip_counts_merge_across_ranks(tmp_path):
     """counts(across_ranks=True) is a MAX all-reduce of the flags: a shard two ranks both
     skipped counts once, and every rank gets the same totals."""

@@ -64,7 +64,7 @@ def test_mindeye1_backbone_flops_are_about_six_n():
     assert flops["backbone"] == analytic_flops(cfg)["backbone"]
     assert flops["prior"] == analytic_flops(cfg)["prior"]
     assert abs(flops["backbone"] / (6 * params["backbone"]) - 1) < 0.03  # 6N less the voxels' input grad
-    assert 1.5e11 < flops["prior"] < 2e11  # ~T(6N + attention), T = 515 (perf notes section 0)
+    assert 1.5e11 < flops["prior"] < 2e11  # ~T(6N + attention), T = 515 (MindEye1's prior attends over 257 + 1 + 257 tokens)
 
 
 def test_estimate_dict_layout():
