@@ -373,6 +373,8 @@ class Trainer:
         import dataclasses
 
         lookup = self.subject_lookup
+        if len(self.model.config.subject_names()) == 1:  # one adapter takes every batch, whatever its number
+            return dataclasses.replace(batch, subject=torch.zeros_like(batch.subject))
         ids = batch.subject.clamp(0, len(lookup) - 1)
         adapters = lookup.to(batch.subject.device)[ids]
         if bool(((batch.subject >= len(lookup)) | (adapters < 0)).any()):

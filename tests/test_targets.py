@@ -260,7 +260,7 @@ def test_nsd_mindeye2_path_pretrain_two_subjects_then_one_session_fine_tune(weig
     from mindeye_dist.distributed import free_port
     from tests.nsd_tree import build_mini_nsd
 
-    tree = build_mini_nsd(tmp_path / "nsd", sessions=(1, 2, 3))
+    tree = build_mini_nsd(tmp_path / "nsd", subjects=(1, 2, 3), sessions=(1, 2, 3), releases=("nifti",))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT)
 
