@@ -173,6 +173,8 @@ class SyntheticRenderer:
         and ``s = 0`` returns it; ``sample_std`` is the generator's own sampling noise (what makes
         best-of-k candidates differ beyond the prior's samples).
         """
+        if init is not None and strength <= 0.0:
+            return init.float().clone()
         z = self.token_latents(tokens)
         if sample_std > 0:
             z = z + sample_std * torch.randn(z.shape, generator=generator, dtype=torch.float64)

@@ -116,8 +116,9 @@ class DiffusersGenerator:
     name = "diffusers"
 
     def __init__(self, unet, vae, scheduler, *, steps: int, guidance: float, img2img_input: str, device, dtype):
-        self.unet = unet.eval().requires_grad_(False).to(device, dtype)
-        self.vae = vae.eval().requires_grad_(False).to(device, dtype)
+        cast = {} if dtype == torch.float32 else {"dtype": dtype}  # diffusers warns on any to(dtype)
+        self.unet = unet.eval().requires_grad_(False).to(device, **cast)
+        self.vae = vae.eval().requires_grad_(False).to(device, **cast)
         self.scheduler, self.steps, self.guidance = scheduler, steps, guidance
         self.img2img_input, self.device, self.dtype = img2img_input, torch.device(device), dtype
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -236,7 +237,7 @@ class UnCLIPGenerator(DiffusersGenerator):
         self.prompt_embeds, self.negative_embeds = prompt.to(self.dtype), negative.to(self.dtype)  # (1, 77, C)
         normaliser = pipe.image_normalizer
         self.embed_dim = normaliser.mean.shape[-1]
-        self.embed_norm = float((normaliser.mean.float() ** 2 + normaliser.std.float() ** 2).sum().sqrt())
+        self.embed_norm = float((normaliser.mean.detach().float() ** 2 + normaliser.std.detach().float() ** 2).sum().sqrt())
 
     @classmethod
     def from_folder(cls, path: str, **kw) -> "UnCLIPGenerator":

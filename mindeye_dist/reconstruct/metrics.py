@@ -298,6 +298,9 @@ def build_feature_networks(weights: Optional[str], device: torch.device | str = 
     """
     device = torch.device(device)
     wanted = tuple(networks) if networks else NETWORKS
+    unknown = sorted(set(wanted) - set(NETWORKS))
+    if unknown:
+        raise ValueError(f"--metrics-networks {','.join(unknown)}: unknown; choose from {','.join(NETWORKS)}")
     if weights not in (None, "random") and not os.path.isdir(weights):
         raise FileNotFoundError(f"--metrics-weights {weights} is not a directory (or 'random')")
     out: dict[str, FeatureNetwork | str] = {}
