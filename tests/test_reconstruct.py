@@ -24,6 +24,16 @@ from mindeye_dist.reconstruct import output as O
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _launcher(name):
+    """A launcher module by path (launchers/ is not a package; keeps sys.path untouched)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"launcher_{name}", REPO / "launchers" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def subject():
     s = SyntheticSubject("tiny", 3)
@@ -68,7 +78,7 @@ def test_renderer_inverts_every_map_of_the_subject(subject):
 
 def test_better_tokens_give_better_pictures_and_true_tokens_beat_shuffled(subject):
     s, r = subject
-    z = torch.as_tensor(s.latents("test")[:24])
+    z = torch.as_tensor(s.latents("test")[:16])
     seen = torch.from_numpy(s.images(z.numpy())).permute(0, 3, 1, 2).float() / 255
     tokens = torch.as_tensor(s.targets(z.numpy())).float()
     g = torch.Generator().manual_seed(0)
@@ -77,7 +87,7 @@ def test_better_tokens_give_better_pictures_and_true_tokens_beat_shuffled(subjec
     assert errors == sorted(errors) and errors[0] < 1e-3  # monotone in the prediction error
 
     true = M.reconstruction_metrics(seen, r.generate(tokens), {"clip": M.synthetic_clip_network(r)})
-    shuffled = M.reconstruction_metrics(seen, r.generate(tokens[torch.roll(torch.arange(24), 1)]),
+    shuffled = M.reconstruction_metrics(seen, r.generate(tokens[torch.roll(torch.arange(16), 1)]),
                                         {"clip": M.synthetic_clip_network(r)})
     assert true["pixcorr"] > 0.9 > 0.3 > shuffled["pixcorr"]
     assert true["ssim"] > shuffled["ssim"]
@@ -151,10 +161,8 @@ def test_evaluate_cli_adds_recon_metrics_to_the_run_json(trained, tmp_path):
     out = tmp_path / "rec"
     reconstruct(_cfg(out, run, best_of=1))
     metrics = tmp_path / "m.json"
-    proc = subprocess.run([sys.executable, str(REPO / "launchers/evaluate.py"), "--run", str(run), "--recon", str(out),
-                           "--way", "16", "--loops", "2", "--out", str(metrics)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rc = _launcher("evaluate").main(["--run", str(run), "--recon", str(out), "--way", "16", "--loops", "2", "--out", str(metrics)])
+    assert rc == 0
     res = json.loads(metrics.read_text())
     assert 0 <= res["retrieval"]["image_top1"] <= 1  # the retrieval contract is intact
     rec = res["recon"]
@@ -169,10 +177,9 @@ def test_evaluate_cli_adds_recon_metrics_to_the_run_json(trained, tmp_path):
 
 def test_bad_inputs_fail_with_the_fix(trained, tmp_path):
     _, run = trained
-    sys.path.insert(0, str(REPO / "launchers"))
-    from reconstruct import main  # launchers/reconstruct.py
-
+    main = _launcher("reconstruct").main
     assert main(["--out", str(tmp_path / "x"), "--run", str(run), "--generator", "versatile-diffusion"]) == 2
+    assert _launcher("evaluate").main(["--recon", str(tmp_path / "missing")]) == 2  # no index.jsonl: says how to make it
     with pytest.raises(ConfigError, match="--weights"):
         ReconstructConfig(out="x", run="r", generator="unclip")
     with pytest.raises(ConfigError, match="--steps applies to --sampler ddim"):
@@ -181,6 +188,20 @@ def test_bad_inputs_fail_with_the_fix(trained, tmp_path):
         from mindeye_dist.reconstruct.scoring import build_candidate_encoder
 
         build_candidate_encoder(ReconstructConfig(out="x", run="r", best_of=3), torch.device("cpu"))
+
+
+def test_demo_step_reconstructs_ours_and_both_floors(trained, tmp_path):
+    import argparse
+
+    data, run = trained
+    args = argparse.Namespace(recon_n=6, recon_best_of=2, metrics_weights=None, data_url=str(data))
+    res = _launcher("demo").reconstruct_step(args, tmp_path, run, "test")
+    assert set(res["metrics"]) == {"mindeye_dist (ours)", "shuffled-brain control", "ridge baseline"}
+    for row in res["metrics"].values():
+        assert row["n"] == 6 and row["alexnet2"] is not None and row["clip"] is not None  # random AlexNet, the world's CLIP
+        assert row["inception"] is None and "skipped in the CPU demo" in row["not_computed"]["inception"]
+    report = (tmp_path / "recon" / "report.md").read_text()
+    assert "| shuffled-brain control |" in report and "model/grid.png" in report
 
 
 def test_reconstruction_grid_for_tensorboard(trained):

@@ -162,9 +162,9 @@ def _load_brain(cfg: ReconstructConfig, device: torch.device):
     return RidgeBrain.fit(data_cfg, device, seed=cfg.seed), data_cfg, read_meta(data_cfg.url, data_cfg.s3_endpoint or None), None
 
 
-def _start(out: Path, cfg: ReconstructConfig, meta, rank: int, world: int) -> None:
+def _start(out: Path, cfg: ReconstructConfig, meta, tag: Optional[str], rank: int, world: int) -> None:
     """Refuse to mix settings in one ``out`` (checked on every rank before anyone writes)."""
-    want = cfg.fingerprint()
+    want = {**cfg.fingerprint(), "checkpoint_tag": tag}  # the resolved tag: a run trained further is new
     path = out / O.CONFIG
     have = json.loads(path.read_text())["fingerprint"] if path.is_file() else None
     if have is not None and have != want and not cfg.overwrite:
@@ -235,7 +235,7 @@ def _run(cfg: ReconstructConfig, rank: int, world: int, device: torch.device) ->
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     brain, data_cfg, meta, tag = _load_brain(cfg, device)
-    _start(out, cfg, meta, rank, world)
+    _start(out, cfg, meta, tag, rank, world)
     data = split_fields(data_cfg, cfg.split, cfg.limit)
     if data["images"] is None:
         raise ConfigError(f"split {cfg.split!r} of {meta.url} has no images: the seen stimuli are needed for the grid "
