@@ -17,9 +17,18 @@ What it runs, step by step (each is also a command of its own):
    val split during training; the test split is only touched in step 3.
 3. ``python launchers/evaluate.py --run OUT/run --split test --baseline ridge``: 300-way top-1
    retrieval over 30 random subsets, next to chance, the ridge baseline and the ceiling.
+4. ``python launchers/reconstruct.py --run OUT/run --generator synthetic --sampler ddim --best-of 8
+   --limit 100 --out OUT/recon/model`` (and ``--shuffle-brain``, ``--brain ridge``): the first
+   ``--recon-n`` test stimuli reconstructed by the same code path as on NSD (prior samples ->
+   the synthetic subject's renderer, img2img 0.85 from the low-level head's blurry image,
+   best-of-k), next to two floors: a shuffled-brain control and the ridge baseline; then the
+   eight metrics of ``evaluate.py --recon`` for each. Without ``--metrics-weights`` the feature
+   networks are randomly initialised (AlexNet; on a GPU all five) and CLIP is the synthetic
+   subject's own target map: those columns rank the rows of this table, nothing more.
 
-The table goes to stdout and to OUT/demo_results.json. Running the demo again with the same
-``--out`` resumes (or, if finished, just re-evaluates) the run in OUT/run; ``--fresh`` restarts it.
+The tables go to stdout and to OUT/demo_results.json; OUT/recon/report.md shows the grid.
+Running the demo again with the same ``--out`` resumes (or, if finished, just re-evaluates) the
+run in OUT/run and reuses finished reconstructions; ``--fresh`` restarts both.
 """
 
 from __future__ import annotations
@@ -135,6 +144,50 @@ def table(res: dict) -> tuple[str, dict]:
     return "\n".join(lines), rows
 
 
+def reconstruct_step(args, out: Path, run_dir: Path, split: str) -> dict:
+    """Step 4: reconstructions of ours, the shuffled-brain control and the ridge floor; the metrics."""
+    import torch
+
+    from mindeye_dist.reconstruct import ReconstructConfig, build_feature_networks, evaluate_recon_dir, metrics_table, \
+        reconstruct, write_report
+    from mindeye_dist.reconstruct.report import renderer_for_dir
+
+    common = dict(split=split, generator="synthetic", sampler="ddim", steps=20, best_of=args.recon_best_of,
+                  img2img_strength=0.85, limit=args.recon_n, batch_size=25, progress=False)
+    rows = {"mindeye_dist (ours)": ReconstructConfig(out=str(out / "recon/model"), run=str(run_dir), **common),
+            "shuffled-brain control": ReconstructConfig(out=str(out / "recon/shuffled"), run=str(run_dir),
+                                                        shuffle_brain=True, **common),
+            "ridge baseline": ReconstructConfig(out=str(out / "recon/ridge"), brain="ridge", data_url=args.data_url, **common)}
+    print(f"== reconstructing the first {args.recon_n} test stimuli (prior DDIM 20 -> synthetic renderer, img2img 0.85, "
+          f"best of {args.recon_best_of}): ours, a shuffled-brain control, the ridge baseline", flush=True)
+    t = time.perf_counter()
+    summaries = {name: reconstruct(cfg) for name, cfg in rows.items()}
+    recon_s = time.perf_counter() - t
+    gpu = torch.cuda.is_available()
+    subset = None if args.metrics_weights or gpu else ("alexnet", "clip")
+    nets = build_feature_networks(args.metrics_weights or "random", "cuda" if gpu else "cpu", networks=subset,
+                                  renderer=renderer_for_dir(out / "recon/model"))
+    for name in ("inception", "effnet", "swav"):
+        if isinstance(nets[name], str) and subset:  # the reason the table shows
+            nets[name] = ("skipped in the CPU demo: random-init InceptionV3 / EfficientNet-B1 / ResNet-50 at MindEye's "
+                          "input sizes take minutes on 2 cores; `python launchers/evaluate.py --recon "
+                          f"{out / 'recon/model'} --metrics-weights random` (or a weights folder) computes them")
+    t = time.perf_counter()
+    metrics = {name: evaluate_recon_dir(cfg.out, feature_networks=nets, report=False) for name, cfg in rows.items()}
+    metrics_s = time.perf_counter() - t
+    report = write_report(out / "recon", metrics, title="Reconstructions of the synthetic demo subject", grid="model/grid.png",
+                          extra=["rows: ours = the trained run (prior samples -> synthetic renderer); shuffled-brain = "
+                                 "each stimulus reconstructed from another stimulus's voxels; ridge = linear voxels -> tokens "
+                                 "and voxels -> VAE latents, same renderer, no prior"])
+    print("\n" + metrics_table(metrics) + "\n")
+    for line in (out / "recon/report.md").read_text().splitlines():
+        if line.startswith("- "):
+            print("   " + line[2:])
+    timing = summaries["mindeye_dist (ours)"]["timing"]
+    return {"metrics": metrics, "report": str(report), "grid": str(out / "recon/model/grid.png"), "recon_s": recon_s,
+            "metrics_s": metrics_s, "timing_ours": timing, "dirs": {name: cfg.out for name, cfg in rows.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="demo directory: run/, demo_results.json (local)")
@@ -143,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ds-config", default="ds_configs/zero2.json", help="DeepSpeed JSON")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic subject (if built) and of training")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
-    p.add_argument("--fresh", action="store_true", help="delete OUT/run first instead of resuming it")
+    p.add_argument("--fresh", action="store_true", help="delete OUT/run and OUT/recon first instead of resuming them")
+    p.add_argument("--recon-n", type=int, default=100, help="test stimuli to reconstruct (0: skip step 4)")
+    p.add_argument("--recon-best-of", type=int, default=8, help="candidates per stimulus (MindEye1: 16)")
+    p.add_argument("--metrics-weights", help="folder of the metric networks' weights (default: random init, see step 4)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for training, e.g. train.max_steps=200")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -159,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"demo: config error: {err}", file=sys.stderr)
         return 2
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if args.fresh:
+        for stale in (run_dir, out / "recon"):
+            if stale.exists():
+                shutil.rmtree(stale)
 
     data = prepare(args.data_url, args.seed, args.s3_endpoint, cfg.train.micro_batch_size, max(1, cfg.data.num_workers))
     rc, cmd, train_s = train(args, run_dir, overrides)
@@ -180,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             res["ceiling"] = ceiling
     eval_s = time.perf_counter() - t
     text, rows = table(res)
-    total_s = time.perf_counter() - t_start
     print("\n" + text + "\n")
+    recon = reconstruct_step(args, out, run_dir, cfg.data.test_split) if args.recon_n > 0 else None
+    total_s = time.perf_counter() - t_start
 
     rel_cfg = os.path.relpath(args.config, REPO) if Path(args.config).is_absolute() else args.config
     commands = {
@@ -189,21 +248,28 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": f"python launchers/evaluate.py --run {run_dir} --split test --baseline ridge --out {out / 'metrics.json'}",
         "export": f"python launchers/export.py --run {run_dir} --out {out / 'weights.safetensors'}",
         "tensorboard": f"tensorboard --logdir {run_dir / 'tb'}",
+        "reconstruct": f"python launchers/reconstruct.py --run {run_dir} --generator synthetic --sampler ddim "
+                       f"--best-of {args.recon_best_of} --limit {args.recon_n} --out {out / 'recon/model'}",
+        "recon_metrics": f"python launchers/evaluate.py --recon {out / 'recon/model'} --metrics-weights random",
     }
     times = {"build_s": data["build_s"], "readback_s": data["readback_s"], "train_s": train_s, "eval_s": eval_s,
+             "recon_s": recon["recon_s"] if recon else 0.0, "recon_metrics_s": recon["metrics_s"] if recon else 0.0,
              "total_s": total_s}
-    result = {"table": rows, "evaluation": res, "data": data, "times": times, "run_dir": str(run_dir),
-              "data_url": args.data_url, "config": rel_cfg, "seed": args.seed, "overrides": overrides,
-              "tensorboard": str(run_dir / "tb"), "commands": commands}
+    result = {"table": rows, "evaluation": res, "reconstruction": recon, "data": data, "times": times,
+              "run_dir": str(run_dir), "data_url": args.data_url, "config": rel_cfg, "seed": args.seed,
+              "overrides": overrides, "tensorboard": str(run_dir / "tb"), "commands": commands}
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_results.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"wall time: build {data['build_s']:.0f} s, read-back {data['readback_s']:.0f} s, train {train_s:.0f} s, "
-          f"eval {eval_s:.0f} s, total {total_s:.0f} s")
+          f"eval {eval_s:.0f} s, reconstruct {times['recon_s']:.0f} s, recon metrics {times['recon_metrics_s']:.0f} s, "
+          f"total {total_s:.0f} s")
     print(f"results:     {out / 'demo_results.json'}")
     print(f"TensorBoard: {commands['tensorboard']}")
     print(f"resume:      {commands['resume']}   (same run.dir resumes from checkpoints/latest)")
     print(f"evaluate:    {commands['evaluate']}")
     print(f"export:      {commands['export']}")
+    if recon:
+        print(f"reconstructions: {recon['report']} (grid {recon['grid']})")
     return 0
 
 

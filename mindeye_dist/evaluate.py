@@ -504,15 +504,28 @@ def check_retrieval_args(meta, split: str, way: int, loops: int) -> None:
 
 def evaluate_run(run_dir: str | None, data_url: str | None = None, split: str = "test", checkpoint: str | None = None,
                  way: int = 300, loops: int = 30, seed: int = 0, baseline: str | None = None,
-                 save_predictions: str | None = None, out: str | None = None) -> dict:
+                 save_predictions: str | None = None, out: str | None = None, recon: str | None = None,
+                 recon_options: dict | None = None) -> dict:
     """The ``launchers/evaluate.py`` contract: ``retrieval.image_top1`` / ``retrieval.brain_top1``.
 
     ``baseline="ridge"`` adds (or, without a run, only computes) the ridge baseline on the same
     data; a synthetic dataset's ceiling (the best any decoder could do) is copied from meta.json.
     ``out`` (the metrics JSON) and ``save_predictions`` (.npy, written to exactly that path) are
     checked before anything is computed and written atomically at the end.
+    ``recon`` (a ``launchers/reconstruct.py`` output directory) adds ``recon.{pixcorr, ssim,
+    alexnet2, alexnet5, inception, clip, effnet, swav}``; ``recon_options`` go to
+    :func:`mindeye_dist.reconstruct.evaluate_recon_dir` (``weights``, ``networks``, ...). With
+    ``recon`` and neither a run nor a baseline, only the reconstruction metrics are computed.
     """
     from mindeye_dist.fsutil import atomic_output, atomic_write_bytes, check_output_file
+
+    if recon and run_dir is None and baseline is None:
+        if out:
+            check_output_file(out, "--out")
+        result = {"recon": _recon_metrics(recon, recon_options)}
+        if out:
+            atomic_write_bytes(out, (json.dumps(result, indent=2, default=float) + "\n").encode())
+        return result
 
     if out:  # before anything else: an unwritable place must not cost an evaluation
         check_output_file(out, "--out")
@@ -552,6 +565,14 @@ def evaluate_run(run_dir: str | None, data_url: str | None = None, split: str = 
     if ceiling:
         result["ceiling"] = ceiling
     result["chance"] = 1.0 / way
+    if recon:
+        result["recon"] = _recon_metrics(recon, recon_options)
     if out:
         atomic_write_bytes(out, (json.dumps(result, indent=2, default=float) + "\n").encode())
     return result
+
+
+def _recon_metrics(recon_dir: str, options: dict | None) -> dict:
+    from mindeye_dist.reconstruct import evaluate_recon_dir
+
+    return evaluate_recon_dir(recon_dir, **(options or {}))
