@@ -554,7 +554,13 @@ class MindEyeLoss(nn.Module):
 
     def mix(self, step: int, voxels: Tensor, generator: Optional[torch.Generator] = None,
             subject_ids: Optional[Tensor] = None) -> tuple[Tensor, Optional[VoxelMixup]]:
-        """Mix voxels during the BiMixCo phase; pass them through unchanged afterwards."""
+        """Mix voxels during the BiMixCo phase (unchanged afterwards); with ``voxel_noise`` > 0 add
+        fresh Gaussian noise in both phases, so the network cannot memorise the few noisy
+        repetitions of each training stimulus (for a linear map this is ridge, alpha = N·std²)."""
+        if self.cfg.voxel_noise > 0:
+            noise = torch.randn(voxels.shape, generator=generator, dtype=torch.float32,
+                                device=generator.device if generator is not None else voxels.device)
+            voxels = voxels + self.cfg.voxel_noise * noise.to(device=voxels.device, dtype=voxels.dtype)
         if self.schedule.phase(step) != BIMIXCO:
             return voxels, None
         return mix_voxels(voxels, beta=self.cfg.mixup_beta, prob=self.cfg.mixup_prob,
