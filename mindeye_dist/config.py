@@ -143,6 +143,10 @@ class LossConfig:
     """Gather contrastive features across ranks (global negatives). Off matches both references."""
     gather_local_loss: bool = False
     """With gather_negatives, each rank scores only its own rows of the global logits (W x cheaper)."""
+    cosine_weight: float = 0.0
+    """Weight of an auxiliary regression term mean(1 - cos(prediction, target)) on the retrieval output (0 = off, as in the references)."""
+    voxel_noise: float = 0.0
+    """Std of Gaussian noise added to the z-scored training voxels at every step, in both phases (0 = off, as in the references)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.gather_local_loss, bool), "loss.gather_local_loss", self.gather_local_loss, "true or false")
@@ -151,7 +155,7 @@ class LossConfig:
         _check(0.0 <= self.mixup_prob <= 1.0, "loss.mixup_prob", self.mixup_prob, "a probability in [0, 1]")
         for key in ("bimixco_temp", "softclip_temp_start", "softclip_temp_end", "lowlevel_cont_temp", "lowlevel_l1_scale"):
             _check(getattr(self, key) > 0, f"loss.{key}", getattr(self, key), "> 0")
-        for key in ("clip_weight", "prior_weight", "lowlevel_weight", "lowlevel_cont_weight"):
+        for key in ("clip_weight", "prior_weight", "lowlevel_weight", "lowlevel_cont_weight", "cosine_weight", "voxel_noise"):
             _check(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), ">= 0")
 
 

@@ -8,8 +8,12 @@ target of sample i, S = P Tᵀ / τ, and CE(z, y) = -Σ_j y_j log softmax(z)_j):
 - SoftCLIP: ½ [ mean_i CE(S_i·, softmax(Q_i·)) + mean_i CE(Sᵀ_i·, softmax(Q_i·)) ],
   Q = T Tᵀ / τ; τ cosine-annealed upward 0.004 -> 0.0075 over the SoftCLIP phase.
 - Low-level: mean |v̂ - v| / l1_scale + cont_weight · soft_cont_loss(student, teacher, teacher_aug).
-- Totals: clip_weight · contrastive + prior_weight · prior + lowlevel_weight · lowlevel; absent
-  terms are skipped (MindEye1: contrastive + 30 · prior; MindEye2 adds 0.5 · low-level).
+- Cosine regression (optional, not in the references): mean_i (1 − cos(p_i, t̃_i)) with t̃ the
+  target mixed like the voxels during BiMixCo; it pulls every prediction toward its own target
+  instead of only away from the batch's negatives.
+- Totals: clip_weight · contrastive + prior_weight · prior + lowlevel_weight · lowlevel
+  + cosine_weight · cosine; absent terms are skipped (MindEye1: contrastive + 30 · prior;
+  MindEye2 adds 0.5 · low-level).
 
 There is no learnable logit scale; contrastive logits are computed in fp32 even under autocast
 because τ ≈ 0.004 puts them near ±250.
@@ -66,6 +70,7 @@ __all__ = [
     "VoxelMixup",
     "bimixco_loss",
     "combine_losses",
+    "cosine_regression_loss",
     "draw_mixup",
     "info_nce_loss",
     "lowlevel_loss",
@@ -287,6 +292,14 @@ def soft_clip_loss(preds: Tensor, targets: Tensor, temperature: float) -> Tensor
     return _bidirectional(p, t, p, t, temperature, labels, labels)
 
 
+def cosine_regression_loss(preds: Tensor, targets: Tensor, mix: Optional["VoxelMixup"] = None) -> Tensor:
+    """mean_i (1 - cos(p_i, t_i)) over flattened rows; with ``mix`` the targets are mixed like the voxels."""
+    t = targets.float()
+    if mix is not None:
+        t = mix.apply(t)
+    return (1.0 - (_flat_unit(preds) * _flat_unit(t)).sum(dim=-1)).mean()
+
+
 def soft_cont_loss(student: Tensor, teacher: Tensor, teacher_aug: Tensor, temperature: float) -> Tensor:
     """Soft contrastive loss on feature tokens (digest §3.4), all B·N tokens as one set.
 
@@ -480,11 +493,12 @@ class LossTerms:
     lowlevel_cont: Optional[Tensor] = None
     temperature: Optional[float] = None
     phase: Optional[str] = None
+    cosine: Optional[Tensor] = None
 
     def as_dict(self) -> dict[str, Tensor | float]:
         """``loss/<term>`` -> detached tensor (no host sync; call ``.item()`` on log steps)."""
         out: dict[str, Tensor | float] = {}
-        for name in ("total", "contrastive", "prior", "lowlevel", "lowlevel_l1", "lowlevel_cont"):
+        for name in ("total", "contrastive", "prior", "lowlevel", "lowlevel_l1", "lowlevel_cont", "cosine"):
             value = getattr(self, name)
             if value is not None:
                 out[f"loss/{name}"] = value.detach()
@@ -540,7 +554,13 @@ class MindEyeLoss(nn.Module):
 
     def mix(self, step: int, voxels: Tensor, generator: Optional[torch.Generator] = None,
             subject_ids: Optional[Tensor] = None) -> tuple[Tensor, Optional[VoxelMixup]]:
-        """Mix voxels during the BiMixCo phase; pass them through unchanged afterwards."""
+        """Mix voxels during the BiMixCo phase (unchanged afterwards); with ``voxel_noise`` > 0 add
+        fresh Gaussian noise in both phases, so the network cannot memorise the few noisy
+        repetitions of each training stimulus (for a linear map this is ridge, alpha = N·std²)."""
+        if self.cfg.voxel_noise > 0:
+            noise = torch.randn(voxels.shape, generator=generator, dtype=torch.float32,
+                                device=generator.device if generator is not None else voxels.device)
+            voxels = voxels + self.cfg.voxel_noise * noise.to(device=voxels.device, dtype=voxels.dtype)
         if self.schedule.phase(step) != BIMIXCO:
             return voxels, None
         return mix_voxels(voxels, beta=self.cfg.mixup_beta, prob=self.cfg.mixup_prob,
@@ -568,6 +588,9 @@ class MindEyeLoss(nn.Module):
                                      cont_weight=self.cfg.lowlevel_cont_weight, cont_temp=self.cfg.lowlevel_cont_temp,
                                      student=student, teacher=teacher, teacher_aug=teacher_aug, mix=mix)
         terms = combine_losses(self.cfg, contrastive, prior, lowlevel)
+        if preds is not None and self.cfg.cosine_weight > 0:
+            terms.cosine = cosine_regression_loss(preds, targets, mix)
+            terms.total = terms.total + self.cfg.cosine_weight * terms.cosine
         terms.temperature, terms.phase = temperature, phase
         return terms
 

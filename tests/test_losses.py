@@ -406,3 +406,37 @@ def test_config_gather_local_loss_is_validated():
     assert LossConfig(gather_local_loss=True).gather_local_loss is True
     with pytest.raises(ConfigError, match="loss.gather_local_loss"):
         LossConfig(gather_local_loss="yes")
+
+
+def test_cosine_regression_term_uses_mixed_targets_and_adds_to_the_total():
+    from mindeye_dist.losses import cosine_regression_loss
+
+    preds, targets = _rand(5, 3, 4, seed=40), _rand(5, 3, 4, seed=41)
+    p, t = preds.reshape(5, -1), targets.reshape(5, -1)
+    loop = np.mean([1 - float(p[i] @ t[i] / (p[i].norm() * t[i].norm())) for i in range(5)])
+    assert cosine_regression_loss(preds, targets).item() == pytest.approx(loop, rel=1e-5)
+    assert cosine_regression_loss(targets * 3.0, targets).item() == pytest.approx(0.0, abs=1e-6)
+    mix = draw_mixup(5, prob=1.0, generator=torch.Generator().manual_seed(3))
+    assert cosine_regression_loss(mix.apply(targets), targets, mix).item() == pytest.approx(0.0, abs=1e-6)
+
+    loss_fn = MindEyeLoss(LossConfig(mixup_pct=0.0, cosine_weight=2.0), total_steps=10)
+    terms = loss_fn(4, preds, targets)
+    assert torch.allclose(terms.total, terms.contrastive + 2.0 * cosine_regression_loss(preds, targets))
+    assert "loss/cosine" in terms.as_dict()
+    assert "loss/cosine" not in MindEyeLoss(LossConfig(mixup_pct=0.0), 10)(4, preds, targets).as_dict()
+
+
+def test_voxel_noise_is_fresh_reproducible_and_off_by_default():
+    voxels = torch.zeros(64, 50)
+    quiet = MindEyeLoss(LossConfig(mixup_pct=0.0), total_steps=10)
+    assert quiet.mix(5, voxels, torch.Generator().manual_seed(0))[0] is voxels
+    noisy = MindEyeLoss(LossConfig(mixup_pct=0.0, voxel_noise=0.5), total_steps=10)
+    a, mix = noisy.mix(5, voxels, torch.Generator().manual_seed(0))
+    b, _ = noisy.mix(5, voxels, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    c, _ = noisy.mix(5, voxels, gen)
+    d, _ = noisy.mix(5, voxels, gen)
+    assert mix is None and torch.equal(a, b) and not torch.equal(c, d)
+    assert a.std().item() == pytest.approx(0.5, rel=0.05) and abs(a.mean().item()) < 0.02
+    with pytest.raises(Exception, match="loss.voxel_noise"):
+        LossConfig(voxel_noise=-1.0)

@@ -15,10 +15,28 @@ fixed, seeded function of ``z``:
 - images ``(H, W, 3)`` uint8: a sigmoid of a random projection at 8x8, upsampled;
 - VAE-like latents ``(4, h, w)``: ``tanh`` of another random projection.
 
+Three further knobs (all off in ``tiny`` and ``demo``, whose arrays are bit-identical to the
+generator before they existed) make the family of :mod:`mindeye_dist.data.family`:
+
+- ``voxel_nonlinearity`` ``nu``: an informative voxel responds ``(1 - nu) tanh(...)`` as above
+  plus ``nu tanh(c_v ((w'_v.z / sqrt(L))^2 - 1))``, an even ("energy", complex-cell-like)
+  function of the latent that no linear read-out of ``z`` sees; ``nu = 1`` leaves only that;
+- ``latent_clusters`` ``K`` and ``cluster_spread`` ``s``: ``z = sqrt(1 - s^2) c_k + s eps`` with
+  ``K`` seeded centres ``c_k ~ N(0, I)`` and ``k`` uniform (categories of similar stimuli;
+  retrieval must tell apart near neighbours); ``K = 0`` is the spread ``N(0, I)`` latent;
+- ``noise_block``: the measurement noise of rows ``[b B, (b + 1) B)`` comes from its own seed
+  ``(seed, tag, b)``, so any rows can be generated alone (large members are written chunk by
+  chunk with bounded memory, :meth:`SyntheticSubject.rows`); 0 draws a split's noise in one call.
+
 Because the encoding model is known, :meth:`SyntheticSubject.retrieval_ceiling` computes the best
 retrieval any decoder could reach: with voxels averaged over repetitions, the noise is Gaussian
 with known per-voxel scale, so the most likely candidate is the one with the smallest
 noise-scaled squared distance between measured and predicted (noise-free) informative voxels.
+This holds for every knob above: retrieval chooses among given candidates with equal prior
+weight, so the latent's distribution (clustered or not) drops out of the posterior over
+candidates; the voxel map ``g`` may be any deterministic function of ``z`` (it is evaluated at
+each candidate); and the target map never enters, because the candidates' targets are
+one-to-one with their latents (a decoder sees the targets, the ceiling sees what they encode).
 
 Presets: ``tiny`` (tests, seconds) and ``demo`` (the CPU demo). The demo's noise and target
 nonlinearity were set by measuring, on generator seeds 0, 1 and 2, the ceiling (~1.0), ridge
@@ -37,7 +55,9 @@ import numpy as np
 from mindeye_dist.data.errors import DataError
 
 AMPLITUDE_SPREAD = 0.5  # lognormal sigma; at 1.0 single voxels carried half the signal on some seeds
-_TAGS = {"model": 0, "train_latents": 1, "test_latents": 2, "train_noise": 3, "test_noise": 4, "ceiling": 5}
+_TAGS = {"model": 0, "train_latents": 1, "test_latents": 2, "train_noise": 3, "test_noise": 4, "ceiling": 5,
+         "family_model": 6, "clusters": 7}
+# New random draws take new tags, so the streams of the presets (and their arrays) never move.
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,14 @@ class SyntheticSpec:
     """Default shard size for this preset."""
     subject: int = 1
     """Subject id stored in every sample."""
+    voxel_nonlinearity: float = 0.0
+    """Share ``nu`` in [0, 1] of each informative voxel's response that is an even (energy) function of z."""
+    latent_clusters: int = 0
+    """Clusters K of the stimulus latent (0 = one spread Gaussian; K >= 2 = a mixture of K)."""
+    cluster_spread: float = 0.35
+    """Within-cluster std ``s`` in (0, 1] of the clustered latent (marginal variance stays 1)."""
+    noise_block: int = 0
+    """Rows per independently seeded noise block (0 = a split's noise in one draw, as tiny/demo)."""
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_test", "n_voxels", "latent_dim", "n_tokens", "token_dim", "reps", "image_size", "vae_size"):
@@ -79,6 +107,16 @@ class SyntheticSpec:
             raise DataError(f"synthetic uninformative_frac={self.uninformative_frac} must be in [0, 1)")
         if self.noise <= 0:
             raise DataError(f"synthetic noise={self.noise} must be > 0")
+        if not 0.0 <= self.voxel_nonlinearity <= 1.0:
+            raise DataError(f"synthetic voxel_nonlinearity={self.voxel_nonlinearity} must be in [0, 1]")
+        if self.target_nonlinearity < 0:
+            raise DataError(f"synthetic target_nonlinearity={self.target_nonlinearity} must be >= 0")
+        if self.latent_clusters < 0 or self.latent_clusters == 1:
+            raise DataError(f"synthetic latent_clusters={self.latent_clusters} must be 0 (spread) or >= 2")
+        if not 0.0 < self.cluster_spread <= 1.0:
+            raise DataError(f"synthetic cluster_spread={self.cluster_spread} must be in (0, 1]")
+        if self.noise_block < 0:
+            raise DataError(f"synthetic noise_block={self.noise_block} must be >= 0 (0 = one draw per split)")
 
     @property
     def n_informative(self) -> int:
@@ -109,8 +147,8 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
     return m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))
 
 
-def _rng(seed: int, tag: str) -> np.random.Generator:
-    return np.random.default_rng([int(seed), _TAGS[tag]])
+def _rng(seed: int, tag: str, *more: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), _TAGS[tag], *(int(m) for m in more)])
 
 
 class SyntheticSubject:
@@ -137,29 +175,74 @@ class SyntheticSubject:
         self.r = rng.standard_normal((4 * s.vae_size * s.vae_size, L))
         self.ua = rng.standard_normal((s.n_tokens * s.token_dim, L))  # product-term projections
         self.ub = rng.standard_normal((s.n_tokens * s.token_dim, L))
+        # Family knobs draw from their own streams (the presets' draws above stay where they were).
+        extra = _rng(seed, "family_model")
+        self.w_energy = extra.standard_normal((n_inf, L)) if s.voxel_nonlinearity > 0 else None
+        self.gain_energy = extra.uniform(0.5, 1.5, n_inf) if s.voxel_nonlinearity > 0 else None
+        self.centres = _rng(seed, "clusters").standard_normal((s.latent_clusters, L)) if s.latent_clusters else None
+        self._noise_cache: dict[tuple[str, int], np.ndarray] = {}
 
     # ---------------------------------------------------------------- fixed functions of z
-    def latents(self, split: str) -> np.ndarray:
-        """(n, L) latents of a split ('train' or 'test')."""
+    def split_size(self, split: str) -> int:
         n = {"train": self.spec.n_train, "test": self.spec.n_test}.get(split)
         if n is None:
             raise DataError(f"synthetic subjects have splits 'train' and 'test', not {split!r}")
-        return _rng(self.seed, f"{split}_latents").standard_normal((n, self.spec.latent_dim))
+        return n
+
+    def latents(self, split: str) -> np.ndarray:
+        """(n, L) latents of a split ('train' or 'test')."""
+        n, rng = self.split_size(split), _rng(self.seed, f"{split}_latents")
+        if self.centres is None:
+            return rng.standard_normal((n, self.spec.latent_dim))
+        k = rng.integers(len(self.centres), size=n)
+        spread = self.spec.cluster_spread
+        return np.sqrt(1.0 - spread**2) * self.centres[k] + spread * rng.standard_normal((n, self.spec.latent_dim))
 
     def signal(self, z: np.ndarray) -> np.ndarray:
         """(n, V) noise-free response g(z) in signal units (0 for uninformative voxels)."""
         g = np.zeros((z.shape[0], self.spec.n_voxels))
-        g[:, self.informative] = self.amplitude * np.tanh(self.gain * (z @ self.w.T) / np.sqrt(self.spec.latent_dim) + self.bias)
+        root = np.sqrt(self.spec.latent_dim)
+        odd = np.tanh(self.gain * (z @ self.w.T) / root + self.bias)
+        nu = self.spec.voxel_nonlinearity
+        if nu > 0:  # even "energy" part: ((w'.z)^2 - 1) has mean 0 for a unit-variance projection
+            energy = np.tanh(self.gain_energy * (((z @ self.w_energy.T) / root) ** 2 - 1.0) / np.sqrt(2.0))
+            odd = (1.0 - nu) * odd + nu * energy
+        g[:, self.informative] = self.amplitude * odd
         return g
 
     def clean_voxels(self, z: np.ndarray) -> np.ndarray:
         """(n, V) predicted voxels without noise, in measurement units."""
         return self.baseline + self.scale * self.signal(z)
 
-    def voxels(self, split: str, z: Optional[np.ndarray] = None) -> np.ndarray:
-        """(n, reps, V) measured voxels: clean response plus independent noise per repetition."""
+    def _noise(self, split: str, rows: Optional[np.ndarray]) -> np.ndarray:
+        """(len(rows), reps, V) standard normal measurement noise of ``rows`` (all rows if None)."""
+        s = self.spec
+        n = self.split_size(split)
+        if s.noise_block == 0:
+            if rows is not None:
+                raise DataError("rows of a split can be generated alone only with noise_block > 0")
+            return _rng(self.seed, f"{split}_noise").standard_normal((n, s.reps, s.n_voxels))
+        rows = np.arange(n) if rows is None else np.asarray(rows)
+        out = np.empty((len(rows), s.reps, s.n_voxels))
+        for block in np.unique(rows // s.noise_block):
+            key = (split, int(block))
+            if key not in self._noise_cache:  # keep the last two blocks: writer chunks straddle blocks
+                if len(self._noise_cache) >= 2:
+                    self._noise_cache.pop(next(iter(self._noise_cache)))
+                size = min(s.noise_block, n - block * s.noise_block)
+                self._noise_cache[key] = _rng(self.seed, f"{split}_noise", block).standard_normal((size, s.reps, s.n_voxels))
+            sel = rows // s.noise_block == block
+            out[sel] = self._noise_cache[key][rows[sel] - block * s.noise_block]
+        return out
+
+    def voxels(self, split: str, z: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """(n, reps, V) measured voxels: clean response plus independent noise per repetition.
+
+        ``rows`` (needs ``noise_block > 0``) selects rows of the split; ``z`` are then their latents."""
+        if rows is not None and z is None:
+            z = self.latents(split)[rows]
         z = self.latents(split) if z is None else z
-        eps = _rng(self.seed, f"{split}_noise").standard_normal((z.shape[0], self.spec.reps, self.spec.n_voxels))
+        eps = self._noise(split, rows)
         g = self.signal(z)[:, None, :]  # (n, 1, V)
         return self.baseline + self.scale * (g + self.spec.noise * eps)
 
@@ -193,28 +276,66 @@ class SyntheticSubject:
             "vae": self.vae(z).astype(np.float32),
         }
 
+    def rows(self, split: str, field: str, rows: np.ndarray) -> np.ndarray:
+        """One field (voxels, clip, images, vae) of some rows of a split, as split_arrays has it.
+
+        Needs ``noise_block > 0`` for voxels; memory is that of the rows asked for."""
+        rows = np.asarray(rows)
+        z = self.latents(split)[rows]
+        if field == "voxels":
+            return self.voxels(split, z, rows).astype(np.float32)
+        makers = {"clip": lambda: self.targets(z).astype(np.float32), "images": lambda: self.images(z),
+                  "vae": lambda: self.vae(z).astype(np.float32)}
+        if field not in makers:
+            raise DataError(f"unknown synthetic field {field!r}; expected voxels, clip, images or vae")
+        return makers[field]()
+
     # ---------------------------------------------------------------- the ceiling
+    def _mean_signal(self, split: str, z: np.ndarray, rows: Optional[np.ndarray]) -> np.ndarray:
+        """(n, V_inf) repetition-averaged measured voxels in signal units, informative voxels only."""
+        m = self.informative
+        if self.spec.noise_block == 0:
+            if rows is not None:
+                z_all = self.latents(split)
+                return ((self.voxels(split, z_all).mean(axis=1) - self.baseline) / self.scale)[rows][:, m]
+            return ((self.voxels(split, z).mean(axis=1) - self.baseline) / self.scale)[:, m]
+        rows = np.arange(self.split_size(split)) if rows is None else np.asarray(rows)
+        out = np.empty((len(rows), int(m.sum())))
+        for lo in range(0, len(rows), 256):  # bounded memory at tens of thousands of voxels
+            part = rows[lo:lo + 256]
+            eps = self._noise(split, part).mean(axis=1)[:, m]
+            out[lo:lo + 256] = self.signal(z[lo:lo + 256])[:, m] + self.spec.noise * eps
+        return out
+
     def likelihood_distances(self, voxels: np.ndarray, z: np.ndarray) -> np.ndarray:
         """(n_brain, n_image) noise-scaled squared distances between repetition-averaged voxels
         and each candidate's predicted voxels, over informative voxels (the others do not depend
         on the stimulus). Smaller = more likely under the Gaussian noise model."""
         m = self.informative
         x = ((voxels.mean(axis=1) - self.baseline) / self.scale)[:, m]  # (n, V_inf), signal units
-        g = self.signal(z)[:, m]  # (n, V_inf)
+        return self._distances(x, z)
+
+    def _distances(self, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+        g = self.signal(z)[:, self.informative]  # (n, V_inf)
         # ||x - g||^2 = ||x||^2 - 2 x.g + ||g||^2; equal noise variance per voxel in signal units
         return (x**2).sum(1)[:, None] - 2.0 * x @ g.T + (g**2).sum(1)[None, :]
 
-    def retrieval_ceiling(self, split: str = "test", way: int = 300, loops: int = 30, seed: int = 0) -> dict:
-        """Best possible top-1 retrieval on ``split`` under the evaluation protocol.
+    def retrieval_ceiling(self, split: str = "test", way: int = 300, loops: int = 30, seed: int = 0,
+                          rows: Optional[np.ndarray] = None) -> dict:
+        """Best possible top-1 retrieval on ``split`` (or on its ``rows``) under the evaluation protocol.
 
         Image retrieval: for each brain sample, the most likely of ``way`` candidate images;
         brain retrieval: for each image, the brain sample whose posterior over the candidate
         images puts the most weight on it. Averaged over ``loops`` random ``way``-subsets (``way`` is capped at the
         split size). Returns ``{"image_top1", "brain_top1", "image_top1_ci95", "brain_top1_ci95",
-        "way", "loops", "chance", "n", "split"}``.
+        "way", "loops", "chance", "n", "split"}``. ``rows`` (sorted indices into the split) gives
+        the ceiling of a carved-out part, e.g. the validation rows of train.
         """
-        z = self.latents(split)
-        dist = self.likelihood_distances(self.voxels(split, z), z)
+        z = self.latents(split) if rows is None else self.latents(split)[np.asarray(rows)]
+        if self.spec.noise_block == 0 and rows is None:
+            dist = self.likelihood_distances(self.voxels(split, z), z)  # the presets' path, unchanged
+        else:
+            dist = self._distances(self._mean_signal(split, z, rows), z)
         n = dist.shape[0]
         way = min(way, n)
         noise_var = self.spec.noise**2 / self.spec.reps  # per informative voxel, signal units
