@@ -192,6 +192,12 @@ DEEPSPEED_BUFFER_FACTOR = 1.5
 """``additional_buffer_factor`` passed to DeepSpeed's estimators (their default)."""
 
 
+def _has_checkpoint_units(model: torch.nn.Module) -> bool:
+    from mindeye_dist.models.layers import CHECKPOINT_UNIT_ATTR
+
+    return any(getattr(m, CHECKPOINT_UNIT_ATTR, False) for m in model.modules())
+
+
 def _flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -225,17 +231,23 @@ def measure_step_flops(model: MindEye, batch_size: int = 2, device: str | torch.
             loss = loss + out.lowlevel.sum() + out.lowlevel_features.sum()
         loss.backward()
 
-    per = {"backbone": _flops(lambda: model.backbone(voxels, 0).sum().backward()),
-           "projector": _flops(lambda: model.projector(leaf(b, cfg.n_tokens, cfg.token_dim)).sum().backward()),
-           "prior": 0, "lowlevel": 0}
-    if model.prior is not None:
-        per["prior"] = _flops(lambda: model.prior.loss(leaf(b, cfg.n_tokens, cfg.token_dim), targets)[0].backward())
-    if model.lowlevel is not None:
-        source = voxels if model.lowlevel.from_voxels else leaf(b, cfg.hidden_dim)
-        per["lowlevel"] = _flops(lambda: sum(t.sum() for t in model.lowlevel(source, 0)).backward())
-    total = _flops(step)
-    per["other"] = total - sum(per.values())
-    per["total"] = total
+    from mindeye_dist.models.layers import checkpointing_suspended
+
+    with checkpointing_suspended():  # model FLOPs (what MFU counts): no recompute
+        per = {"backbone": _flops(lambda: model.backbone(voxels, 0).sum().backward()),
+               "projector": _flops(lambda: model.projector(leaf(b, cfg.n_tokens, cfg.token_dim)).sum().backward()),
+               "prior": 0, "lowlevel": 0}
+        if model.prior is not None:
+            per["prior"] = _flops(lambda: model.prior.loss(leaf(b, cfg.n_tokens, cfg.token_dim), targets)[0].backward())
+        if model.lowlevel is not None:
+            source = voxels if model.lowlevel.from_voxels else leaf(b, cfg.hidden_dim)
+            per["lowlevel"] = _flops(lambda: sum(t.sum() for t in model.lowlevel(source, 0)).backward())
+        total = _flops(step)
+        per["other"] = total - sum(per.values())
+        per["total"] = total
+        model.zero_grad(set_to_none=True)
+    # activation checkpointing runs each unit's forward again in the backward: hardware FLOPs on top
+    per["recompute"] = _flops(step) - total if _has_checkpoint_units(model) else 0
     model.zero_grad(set_to_none=True)
     return {k: v // b for k, v in per.items()}
 
@@ -314,9 +326,63 @@ def leaf_output_elements(module: torch.nn.Module, run) -> int:
     return total
 
 
+def checkpointed_activation_elements(module: torch.nn.Module, run) -> int:
+    """Elements kept for the backward by one forward (``run()``) when the modules marked as
+    activation-checkpoint units (:data:`mindeye_dist.models.layers.CHECKPOINT_UNIT_ATTR`) recompute
+    theirs: leaf outputs outside every unit, plus each unit's floating-point inputs (what
+    ``torch.utils.checkpoint`` saves; a tensor passed to several units, like the prior's position
+    bias, once), plus the largest unit's own leaf outputs (alive while that unit is recomputed
+    in the backward). Without units this is :func:`leaf_output_elements`."""
+    from mindeye_dist.models.layers import CHECKPOINT_UNIT_ATTR
+
+    units = [m for m in module.modules() if getattr(m, CHECKPOINT_UNIT_ATTR, False)]
+    if not units:
+        return leaf_output_elements(module, run)
+    outside, inputs, largest = 0, 0, 0
+    current: list[int] = []  # the running count of the unit being run (at most one: units do not nest)
+    held: dict[int, torch.Tensor] = {}  # unit inputs by id, kept alive so ids are not reused
+
+    def unit_pre(_mod, args) -> None:
+        nonlocal inputs
+        for a in args:
+            if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+                continue
+            base = a._base if a._base is not None else a  # a view of a counted leaf output is not new
+            if id(a) not in held and id(base) not in held:
+                held[id(a)] = a
+                inputs += a.numel()
+        current.append(0)
+
+    def unit_post(_mod, _args, _out) -> None:
+        nonlocal largest
+        largest = max(largest, current.pop())
+
+    def leaf(_mod, _inputs, output) -> None:
+        nonlocal outside
+        n = _float_elements(output)
+        if current:
+            current[-1] += n
+        else:
+            outside += n
+            if isinstance(output, torch.Tensor):
+                held[id(output)] = output
+
+    handles = [u.register_forward_pre_hook(unit_pre) for u in units]
+    handles += [u.register_forward_hook(unit_post) for u in units]
+    handles += [m.register_forward_hook(leaf) for m in module.modules() if next(m.children(), None) is None]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return outside + inputs + largest
+
+
 def measure_activation_elements(model: MindEye, batch_size: int, device: str | torch.device = "meta") -> int:
-    """Leaf-module output elements of one training forward at ``batch_size``: model forward with
-    every head plus the prior's loss (the forward half of :func:`measure_step_flops`' step)."""
+    """Activation elements one training forward at ``batch_size`` keeps for its backward (model
+    forward with every head plus the prior's loss, the forward half of :func:`measure_step_flops`'
+    step): leaf-module outputs, or with activation checkpointing
+    :func:`checkpointed_activation_elements`."""
     cfg = model.config
     voxels = torch.randn(batch_size, cfg.subject_table()[cfg.subject_names()[0]], device=device)
     targets = torch.randn(batch_size, cfg.n_tokens, cfg.token_dim, device=device)
@@ -328,7 +394,7 @@ def measure_activation_elements(model: MindEye, batch_size: int, device: str | t
             if model.prior is not None:
                 model.prior.loss(out.backbone, targets)
 
-    return leaf_output_elements(model, forward)
+    return checkpointed_activation_elements(model, forward)
 
 
 def activation_elements(model: MindEye, device: str | torch.device = "meta") -> tuple[int, int]:
@@ -369,10 +435,21 @@ _ZERO_ALIASES = {"prefetch_bucket_size": "stage3_prefetch_bucket_size",
                  "max_reuse_distance": "stage3_max_reuse_distance"}
 
 
+NVME_DEFAULTS: dict[str, int] = {"optimizer_buffer_count": 4, "param_buffer_count": 5, "param_buffer_size": 100_000_000,
+                                 "max_in_cpu": 1_000_000_000, "aio_block_size": 1_048_576}
+"""DeepSpeed's defaults for the NVMe swap knobs (``offload_optimizer.buffer_count``,
+``offload_param.buffer_count`` / ``buffer_size`` / ``max_in_cpu``, ``aio.block_size``)."""
+MIN_AIO_BYTES = 1_048_576
+"""``deepspeed.runtime.swap_tensor.utils.MIN_AIO_BYTES``: smaller tensors are not swapped."""
+AIO_ALIGNED_BYTES = 1024
+"""``deepspeed.runtime.swap_tensor.utils.AIO_ALIGNED_BYTES``: swap buffers are rounded up to it."""
+
+
 def zero_settings(ds_config: Optional[dict[str, Any]], stage: int) -> dict[str, Any]:
     """The ZeRO knobs the memory model uses: the config's ``zero_optimization`` values (either
     spelling, e.g. ``stage3_max_live_parameters`` or ``max_live_parameters``), else DeepSpeed's
-    defaults (:data:`ZERO_DEFAULTS`)."""
+    defaults (:data:`ZERO_DEFAULTS`); plus whether each offload goes to NVMe and its swap knobs
+    (:data:`NVME_DEFAULTS`)."""
     zo = dict((ds_config or {}).get("zero_optimization") or {})
     out: dict[str, Any] = {}
     for key, default in ZERO_DEFAULTS.items():
@@ -382,7 +459,39 @@ def zero_settings(ds_config: Optional[dict[str, Any]], stage: int) -> dict[str, 
         out["overlap_comm"] = stage == 3
     for key in ("overlap_comm", "contiguous_gradients", "memory_efficient_linear"):
         out[key] = bool(out[key])
+    opt, par = (zo.get(k) if isinstance(zo.get(k), dict) else {} for k in ("offload_optimizer", "offload_param"))
+    aio = (ds_config or {}).get("aio") or {}
+    out["nvme_optimizer"] = opt.get("device") == "nvme"
+    out["nvme_param"] = par.get("device") == "nvme"
+    out["optimizer_buffer_count"] = int(opt.get("buffer_count", NVME_DEFAULTS["optimizer_buffer_count"]))
+    out["param_buffer_count"] = int(par.get("buffer_count", NVME_DEFAULTS["param_buffer_count"]))
+    out["param_buffer_size"] = int(par.get("buffer_size", NVME_DEFAULTS["param_buffer_size"]))
+    out["max_in_cpu"] = int(par.get("max_in_cpu", NVME_DEFAULTS["max_in_cpu"]))
+    out["aio_block_size"] = int(aio.get("block_size", NVME_DEFAULTS["aio_block_size"]))
     return out
+
+
+def _stage3_sub_groups(groups: list[list[int]], world_size: int, sub_group_size: int) -> list[tuple[int, int]]:
+    """(partition elements, whole elements) of each ZeRO-3 optimizer sub-group: per parameter group,
+    parameters are added until the partitions reach ``sub_group_size`` (stage3.py ``_create_fp16_sub_groups``)."""
+    subs = []
+    for numels in groups:
+        parts = [_ceil_div(x, world_size) for x in numels]
+        if sub_group_size >= sum(parts):
+            subs.append((sum(parts), sum(numels)))
+            continue
+        part = whole = 0
+        for i, (x, n) in enumerate(zip(parts, numels)):
+            part, whole = part + x, whole + n
+            if part >= sub_group_size or i == len(parts) - 1:
+                subs.append((part, whole))
+                part = whole = 0
+    return subs
+
+
+def _aligned(numel: int, element_bytes: int) -> int:
+    per = AIO_ALIGNED_BYTES // element_bytes
+    return _ceil_div(numel, per) * per
 
 
 def optimizer_group_numels(model: torch.nn.Module) -> list[list[int]]:
@@ -523,7 +632,10 @@ def model_states_per_rank(total_params: int, largest_layer_params: int, world_si
         if offload_optimizer:
             transient.pop("step")
     optimizer = master + moments
-    host = 0
+    host = nvme = 0
+    if stage == 3 and (z.get("nvme_optimizer") or z.get("nvme_param")) and (offload_optimizer or offload_param):
+        return _stage3_nvme(params, grads, buffers, transient, shard, z, param_groups or [[psi]], n, p_b,
+                            offload_optimizer, offload_param)
     if offload_optimizer:
         # optimizer states, the fp32 master partition and an fp32 gradient partition live on the host
         host += optimizer + shard * MASTER_BYTES
@@ -531,16 +643,76 @@ def model_states_per_rank(total_params: int, largest_layer_params: int, world_si
         if stage == 3:
             host += grads
             grads = 0
+        else:
+            # stage_1_and_2.py with cpu_offload: a low-precision copy of the partition for the updated
+            # weights (param_buffer_of_bit16_for_cpu_offload_groups) on the host, and two buffers of
+            # the largest parameter's gradient, one on each side (temp_grad_buffer_for_{cpu,gpu}_offload)
+            host += shard * p_b + big * p_b
+            buffers += big * p_b
     if offload_param:
         host += shard * p_b
         params -= shard * p_b
+    return _states_row(params, grads, optimizer, master, buffers, transient, shard, host, nvme)
+
+
+def _states_row(params: int, grads: int, optimizer: int, master: int, buffers: int, transient: dict[str, int],
+                shard: int, host: int, nvme: int) -> dict[str, Any]:
     gathered_bytes = transient.get("gathered_params", 0)
     transient_bytes = max((v for k, v in transient.items() if k != "gathered_params"), default=0)
     states = params + grads + optimizer + buffers
     return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer, "master_bytes": master,
             "buffers_bytes": buffers, "gathered_layer_bytes": gathered_bytes, "model_states_bytes": states,
             "transient_bytes": transient_bytes, "transient": transient, "partition_numel": shard,
-            "host_bytes": host}
+            "host_bytes": host, "nvme_bytes": nvme}
+
+
+def _stage3_nvme(params: int, grads: int, buffers: int, transient: dict[str, int], shard: int, z: dict[str, Any],
+                 groups: list[list[int]], n: int, p_b: int, offload_optimizer: bool, offload_param: bool) -> dict[str, Any]:
+    """ZeRO-3 with an offload to NVMe (ZeRO-Infinity), from stage3.py and swap_tensor/ (DeepSpeed 0.19):
+
+    * optimizer on NVMe: each sub-group whose fp32 partition is at least ``max(MIN_AIO_BYTES,
+      aio.block_size)`` keeps its fp32 master, Adam moments and fp32 gradient in swap files (16 bytes
+      per element); smaller ones stay in RAM as with CPU offload. RAM holds ``buffer_count``
+      swap buffers of the largest swappable sub-group (fp32, ``SwapBufferManager``), plus one fp32
+      buffer of the largest sub-group that every sub-group's ``.grad`` views
+      (``initialize_optimizer_states``); the low-precision gradient partition stays in RAM.
+    * parameters on NVMe: the partitions beyond ``max_in_cpu`` elements live in swap files; RAM
+      holds ``buffer_count x buffer_size`` elements of swap buffers (``AsyncPartitionedParameterSwapper``)
+      and, once any sub-group has no CPU copy, a buffer of the largest sub-group's *whole*
+      parameters (``reserve_partitioned_swap_space``). Persistent (small) parameters stay in RAM.
+    """
+    host = nvme = 0
+    subs = _stage3_sub_groups(groups, n, z["sub_group_size"])
+    master = moments = 0
+    if offload_optimizer:
+        transient.pop("step", None)
+        if z["nvme_optimizer"]:
+            threshold = max(MIN_AIO_BYTES, z["aio_block_size"])
+            swappable = [part for part, _ in subs if part * MASTER_BYTES >= threshold]
+            in_ram = sum(part for part, _ in subs) - sum(swappable)
+            nvme += sum(swappable) * (MASTER_BYTES + MOMENT_BYTES + MASTER_BYTES)
+            host += in_ram * (MASTER_BYTES + MOMENT_BYTES + MASTER_BYTES)
+            largest = max([part for part, _ in subs], default=0)
+            host += z["optimizer_buffer_count"] * _aligned(max(swappable, default=0), MASTER_BYTES) * MASTER_BYTES
+            host += largest * MASTER_BYTES  # the shared fp32 .grad buffer
+        else:
+            host += shard * (MASTER_BYTES + MOMENT_BYTES + MASTER_BYTES)
+        host += grads  # the low-precision gradient partition (grad_partitions_flat_buffer)
+        grads = 0
+    else:
+        master, moments = shard * MASTER_BYTES, shard * MOMENT_BYTES
+    if offload_param:
+        params -= shard * p_b
+        if z["nvme_param"]:
+            in_cpu = min(z["max_in_cpu"], shard)
+            host += in_cpu * p_b
+            nvme += (shard - in_cpu) * p_b
+            host += z["param_buffer_count"] * _aligned(z["param_buffer_size"], p_b) * p_b
+            if in_cpu < shard:
+                host += _aligned(max(whole for _, whole in subs), p_b) * p_b
+        else:
+            host += shard * p_b
+    return _states_row(params, grads, master + moments, master, buffers, transient, shard, host, nvme)
 
 
 def deepspeed_estimate(total_params: int, largest_layer_params: int, stage: int, *, gpus_per_node: int,
@@ -718,3 +890,67 @@ def format_memory_table(mem: dict[str, Any]) -> str:
                 "parameters); peak = states + transient + activations; host = offloaded states per rank; DS = "
                 f"DeepSpeed's estimator, additional_buffer_factor {DEEPSPEED_BUFFER_FACTOR} on host only)")
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Will it fit? (before allocating)
+
+HOST_MEMORY_CHECK_ENV = "MINDEYE_SKIP_MEMORY_CHECK"
+"""Set to 1 to skip :func:`check_host_memory`."""
+
+
+def _mem_available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(model_cfg: ModelConfig, ds: dict[str, Any], precision: str, **build_kwargs: Any) -> None:
+    """On a host without an accelerator, raise ConfigError on every rank when this node's ranks cannot fit.
+
+    Called by :func:`mindeye_dist.trainer.build_model_for_engine` before the model exists. The
+    prediction is :func:`estimate_memory`'s ``peak_bytes + host_bytes`` for the DeepSpeed config's
+    own offload level (model states, the largest transient, activations; offloaded states count
+    because the host is the same RAM), without the process's own ~0.6 GiB, so a run is refused only
+    when its model alone exceeds ``MemAvailable``. Every rank reads ``MemAvailable`` before any rank
+    allocates: the verdict is agreed through one all-reduce. ``build_kwargs`` go to ``build_model``.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    from mindeye_dist.errors import ConfigError
+
+    if torch.cuda.is_available() or os.environ.get(HOST_MEMORY_CHECK_ENV) == "1":
+        return
+    available = _mem_available_bytes()
+    if available is None:
+        return
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
+    with torch.device("meta"):
+        meta = build_model(model_cfg, **build_kwargs)
+    mem = estimate_memory(meta, ds_config=ds, world_size=world,
+                          micro_batch_size=int(ds.get("train_micro_batch_size_per_gpu") or DEFAULT_MICRO_BATCH),
+                          precision=precision)
+    row = mem["stages"][list(mem["stages"])[-1]]  # the config's own offload level comes last
+    need = row["peak_bytes"] + row["host_bytes"]
+    short = torch.tensor([float(local * need - available)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(short, op=dist.ReduceOp.MAX)
+    if short.item() > 0:
+        gib = 2**30
+        raise ConfigError(
+            f"this run needs about {need / gib:.1f} GiB per rank x {local} ranks on this host "
+            f"({mem['total_params'] / 1e9:.2f}B parameters, ZeRO-{row['stage']}"
+            f"{' + offload' if row['host_bytes'] else ''}, {precision}, micro-batch {mem['micro_batch_size']}; "
+            f"{row['host_bytes'] / gib:.1f} GiB of it offloaded to the host, which on a machine without an "
+            f"accelerator is the same RAM), but MemAvailable is {available / gib:.1f} GiB. Use "
+            f"ds_configs/zero3_nvme.json (optimizer states and parameters on disk), fewer ranks per host, a "
+            f"smaller model (model.hidden_dim, model.lowlevel=false) or bf16; `python launchers/estimate.py` "
+            f"shows the terms. Set {HOST_MEMORY_CHECK_ENV}=1 to start anyway.")

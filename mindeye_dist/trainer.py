@@ -142,17 +142,29 @@ def build_model_for_engine(model_cfg, ds: dict[str, Any], precision: str, **buil
     the whole model. Without it every rank builds the full fp32 model (20 GiB per rank at
     scale-5b) and DeepSpeed partitions it only inside ``deepspeed.initialize``. Initial weights
     are unchanged: the same constructors run in the same order on the same RNG, and each rank
-    keeps its slice of rank 0's tensor.
+    keeps its slice of rank 0's tensor. (A module is still created whole before it is
+    partitioned: the output Linear is built in ``model.output_tiles`` tiles so that this transient
+    is one tile, 0.4 GB in fp32 at MindEye1 size, not 3.2 GB.)
 
     ``tensor_overrides=[]`` keeps construction itself unchanged: by default zero.Init also
     creates every floating tensor made during ``__init__`` in the training dtype, which would turn
     the prior's noise schedule (diffusers' ``alphas_cumprod``, not a parameter) into bf16. The
     partitions are cast to the training dtype afterwards instead, exactly the cast
-    ``DeepSpeedEngine`` applies to a model built without zero.Init.
+    ``DeepSpeedEngine`` applies to a model built without zero.Init. With parameters offloaded to
+    NVMe, zero.Init already wrote each partition to its swap file in the training dtype (the swapper's
+    dtype); only the placeholder's dtype is set then.
+
+    On a host without an accelerator, parameters, optimizer states and everything "offloaded to the
+    host" share one RAM; before allocating anything, every rank compares ``estimate_memory``'s
+    per-rank peak (device + host) times the ranks on this node with ``MemAvailable`` and all ranks
+    refuse together with the numbers if it cannot fit (``mindeye_dist.estimate.check_host_memory``),
+    instead of meeting the kernel's OOM killer inside ``deepspeed.initialize``.
     """
     from mindeye_dist.ds_config import zero_stage
+    from mindeye_dist.estimate import check_host_memory
     from mindeye_dist.models import build_model
 
+    check_host_memory(model_cfg, ds, precision, **build_kwargs)
     if zero_stage(ds) != 3:
         return build_model(model_cfg, **build_kwargs)
     import deepspeed
@@ -166,10 +178,12 @@ def build_model_for_engine(model_cfg, ds: dict[str, Any], precision: str, **buil
     for param in model.parameters():
         if not is_zero_param(param):
             raise RuntimeError("deepspeed.zero.Init left a parameter unpartitioned")
-        if param.ds_tensor.dtype != dtype and param.ds_tensor.is_floating_point():
+        on_nvme = getattr(param.ds_tensor, "final_location", None) is not None  # OffloadDeviceEnum.nvme
+        if not on_nvme and param.ds_tensor.dtype != dtype and param.ds_tensor.is_floating_point():
             # ds_tensor is this rank's partition; param.data is an empty placeholder whose dtype
             # DeepSpeed uses for the all-gather buffers, so both change together.
             param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+        if param.data.dtype != dtype and param.data.is_floating_point():
             param.data = param.data.to(dtype)
     return model
 

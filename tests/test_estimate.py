@@ -160,10 +160,13 @@ def test_model_states_hand_computed():
     # partitions round up: ceil(1001 / 4) = 251 elements
     assert model_states_per_rank(1001, 0, 4, 3, zero=_zero(3, contiguous_gradients=False))["model_states_bytes"] == 251 * 16
     # offload: the fp32 master, the moments and an fp32 gradient partition go to the host
+    # (ZeRO-1/2 also keep a bf16 copy of the partition (250 x 2) and the largest gradient (100 x 2) on the
+    # host, and the largest gradient once more on the device: tests/test_estimate_deepspeed.py measures it)
     off2 = model_states_per_rank(1000, 100, 4, 2, offload_optimizer=True)
-    assert (off2["params_bytes"], off2["grads_bytes"], off2["optimizer_bytes"], off2["host_bytes"]) == (2000, 0, 0, 4000)
+    assert (off2["params_bytes"], off2["grads_bytes"], off2["optimizer_bytes"], off2["host_bytes"]) == (2000, 0, 0, 4700)
+    assert off2["buffers_bytes"] == 200
     off1 = model_states_per_rank(1000, 100, 4, 1, offload_optimizer=True)
-    assert (off1["grads_bytes"], off1["model_states_bytes"], off1["host_bytes"]) == (0, 2000, 4000)
+    assert (off1["grads_bytes"], off1["model_states_bytes"], off1["host_bytes"]) == (0, 2200, 4700)
     off3 = model_states_per_rank(1000, 100, 4, 3, offload_optimizer=True, offload_param=True,
                                  zero=_zero(3, reduce_bucket_size=100))
     assert (off3["params_bytes"], off3["grads_bytes"], off3["optimizer_bytes"], off3["buffers_bytes"]) == (0, 0, 0, 200)
@@ -321,8 +324,10 @@ def test_cli_memory_json_for_mindeye1_is_fast():
     import time
 
     start = time.perf_counter()
+    # output_tiles=1: the reference's single 0.8B-parameter output Linear (test_tiled_output_linear_*
+    # covers the preset's 8 tiles)
     proc = _cli("--preset", "mindeye1", "--json", "--no-flops", "--world-size", "8", "--micro-batch-size", "32",
-                "--precision", "bf16")
+                "--precision", "bf16", "output_tiles=1")
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     mem = json.loads(proc.stdout)["memory"]  # stdout holds only the JSON (DeepSpeed's log goes to stderr)
@@ -360,3 +365,92 @@ def test_cli_memory_table_and_errors_in_process(capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--preset", "tiny", "--precision", "fp32"])  # memory flags need --world-size
+
+
+# ---- output Linear in tiles, activation checkpointing (issue 14) ------------------------------
+
+
+def test_tiled_output_linear_is_no_longer_the_largest_layer():
+    """ZeRO-3 gathers a module's parameters at once: in the mindeye1 preset's 8 tiles the largest
+    layer is a tile (1/8 of 4096 x 197,376), so the gathered-parameter transient shrinks with it."""
+    from mindeye_dist.ds_config import load_ds_config
+
+    ds = load_ds_config(ROOT / "ds_configs" / "zero3.json")  # stage3_max_live_parameters 1e8
+    tiled = estimate(ModelConfig(preset="mindeye1"), flops=False, world_size=2, precision="bf16", micro_batch_size=2,
+                     ds_config=ds)
+    whole = estimate(ModelConfig(preset="mindeye1", output_tiles=1), flops=False, world_size=2, precision="bf16",
+                     micro_batch_size=2, ds_config=ds)
+    mt, mw = tiled["memory"], whole["memory"]
+    assert mw["largest_layer"] == "backbone.to_tokens" and mw["largest_layer_params"] == (4096 + 1) * 257 * 768
+    assert mt["largest_layer"] == "backbone.to_tokens.tiles.0" and mt["largest_layer_params"] == 4096 * 257 * 768 // 8
+    assert mt["total_params"] == mw["total_params"]
+    t3, w3 = mt["stages"]["3"], mw["stages"]["3"]
+    assert t3["model_states_bytes"] == w3["model_states_bytes"]
+    # the backward holds the gathered layer (beyond max_live 1e8) and its unreduced gradient: 2 x 2 bytes x L
+    delta = mw["largest_layer_params"] - mt["largest_layer_params"]
+    assert w3["transient"]["backward"] - t3["transient"]["backward"] == 2 * 2 * delta
+    assert w3["gathered_layer_bytes"] - t3["gathered_layer_bytes"] == 2 * delta
+
+
+def _backbone_only(checkpointing: bool):
+    cfg = ModelConfig(preset="tiny", hidden_dim=32, n_blocks=3, prior=False, lowlevel=False,
+                      activation_checkpointing=checkpointing)
+    with torch.device("meta"):
+        return build_model(cfg, **TINY)
+
+
+def test_activation_checkpointing_terms_exact_for_the_backbone():
+    """Each MindEye2-layout block keeps 5 leaf outputs of width h (LN, Linear, GELU, Dropout,
+    Linear) without checkpointing; with it, only its input h (the first block's input is the stem's
+    output, kept anyway), plus one block's 5h while that block is recomputed: 3 blocks save
+    15h - (2h + 5h) = 8h elements per sample. The recompute runs the blocks' forward again up to the
+    last tensor the backward needs (non-reentrant checkpointing stops there): the first Linear of each
+    block, 3 x 2h^2 FLOPs per sample, reported apart from the model FLOPs."""
+    from mindeye_dist.estimate import activation_elements
+
+    h = 32
+    off_per_sample, off_fixed = activation_elements(_backbone_only(False))
+    on_per_sample, on_fixed = activation_elements(_backbone_only(True))
+    assert off_per_sample - on_per_sample == 8 * h and on_fixed == off_fixed
+    off, on = measure_step_flops(_backbone_only(False)), measure_step_flops(_backbone_only(True))
+    assert on["total"] == off["total"] and off["recompute"] == 0
+    assert on["recompute"] == 3 * 2 * h * h
+
+
+def test_activation_checkpointing_shrinks_mindeye1_activations():
+    on = estimate(ModelConfig(preset="mindeye1", activation_checkpointing=True), flops=False, world_size=2,
+                  micro_batch_size=32)["memory"]
+    off = estimate(ModelConfig(preset="mindeye1"), flops=False, world_size=2, micro_batch_size=32)["memory"]
+    # the prior's 6 layers over 515 tokens hold most of it; checkpointed, each keeps its input only
+    assert on["activations_bytes_per_sample"] < 0.5 * off["activations_bytes_per_sample"]
+    assert on["activations_fixed_bytes"] == off["activations_fixed_bytes"]  # the position bias, counted once
+    assert on["stages"]["3"]["peak_bytes"] < off["stages"]["3"]["peak_bytes"]
+
+
+def test_checkpointed_activation_elements_by_hand():
+    """Units' inputs once each (a tensor passed to two units, or a view of a counted leaf output,
+    is not new), leaf outputs outside units, plus the largest unit's own outputs."""
+    from mindeye_dist.estimate import checkpointed_activation_elements
+    from mindeye_dist.models.layers import mark_checkpoint_unit
+
+    class Unit(torch.nn.Module):
+        def __init__(self, width: int):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, width), torch.nn.Linear(width, 4)
+
+        def forward(self, x, shared):
+            return self.b(self.a(x)) + shared.sum()
+
+    stem, big, small = torch.nn.Linear(4, 4), mark_checkpoint_unit(Unit(10)), mark_checkpoint_unit(Unit(6))
+    model = torch.nn.ModuleList([stem, big, small])
+    x = torch.randn(2, 4)
+
+    def run():
+        h = stem(x)  # outside: 8
+        shared = h.view(8)  # a view of stem's output: not a new input
+        extra = torch.randn(3)
+        y = big(h, extra)  # inputs h (counted as stem's output already) and extra (3)
+        small(y, extra)  # input y (8); extra again: not new
+
+    # outside 8 + inputs 3 + 8 + largest unit: big's 2x10 + 2x4 = 28
+    assert checkpointed_activation_elements(model, run) == 8 + 3 + 8 + 28

@@ -71,7 +71,7 @@ def test_mindeye1_parameter_counts_exact():
     counts = component_parameters(model)
     assert counts["backbone"] == 940_225_280
     assert counts["backbone"] + counts["projector"] == 947_579_904
-    assert model.backbone.to_tokens.weight.numel() + model.backbone.to_tokens.bias.numel() == 808_649_472
+    assert sum(p.numel() for p in model.backbone.to_tokens.parameters()) == 808_649_472  # in 8 tiles
     # Reference 56,055,184 = ours + the 16 rotary frequencies it stores as a frozen Parameter.
     assert counts["prior"] == 56_055_168
     assert abs(counts["prior"] - 56_055_184) / 56_055_184 < 0.02
@@ -87,7 +87,7 @@ def test_mindeye2_parameter_counts_match_digest():
     assert ridge == 64_409_600
     assert backbone_incl == 1_903_020_028 - 24
     assert counts["prior"] == 259_865_216 - 16  # the reference stores 16 rotary frequencies
-    assert model.backbone.to_tokens.weight.numel() + model.backbone.to_tokens.bias.numel() == 1_745_256_448
+    assert sum(p.numel() for p in model.backbone.to_tokens.parameters()) == 1_745_256_448  # in 16 tiles
     # backbone_blocks=released has the release's parameters exactly (all but the rotary 16).
     released = component_parameters(meta_model("mindeye2", backbone_blocks="released"))
     assert released["backbone"] - ridge + released["projector"] + released["lowlevel"] == 1_903_020_028
@@ -102,7 +102,8 @@ def test_mindeye2_parameter_counts_match_digest():
 
 def released_mindeye2(seed: int = 0) -> MindEye:
     torch.manual_seed(seed)
-    model = build_model(shrunk("mindeye2", backbone_blocks="released", lowlevel=False, prior=False))
+    # output_tiles=1: the release's single output Linear (the preset tiles it; same computation)
+    model = build_model(shrunk("mindeye2", backbone_blocks="released", lowlevel=False, prior=False, output_tiles=1))
     with torch.no_grad():  # move LayerNorm gains/biases off their init so a misplaced one shows
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -247,8 +248,10 @@ def test_no_weight_decay_names():
             "prior.net.transformer.norm_out.weight", "backbone.blocks.0.0.weight", "projector.0.weight",
             "lowlevel.map_norm.weight"} <= names
     decayed = set(params) - names
-    assert {"backbone.adapters.linears.subj01.weight", "backbone.to_tokens.weight", "prior.net.transformer.layers.0.0.to_q.weight",
+    assert {"backbone.adapters.linears.subj01.weight", "prior.net.transformer.layers.0.0.to_q.weight",
             "lowlevel.decoder.conv_in.weight"} <= decayed
+    out_weights = {n for n in params if n.startswith("backbone.to_tokens.") and n != "backbone.to_tokens.bias"}
+    assert out_weights and out_weights <= decayed  # the output Linear's weight (in the preset's tiles)
     assert all(params[n].ndim >= 2 for n in decayed)
 
 

@@ -61,6 +61,14 @@ class ModelConfig:
     """Dropout inside each residual block (0.15 in both references); null = preset's."""
     input_dropout: Optional[float] = None
     """Dropout after the input layer (MindEye1: 0.5, MindEye2: none); null = preset's."""
+    output_tiles: Optional[int] = None
+    """The backbone's output Linear (hidden -> tokens x dim) in this many row tiles, so ZeRO-3
+    gathers one tile at a time instead of the whole layer (same outputs, parameters and state-dict
+    layout); 1 = one nn.Linear; null = preset's (mindeye1 8, mindeye2 16, others 1)."""
+    activation_checkpointing: Optional[bool] = None
+    """Recompute each backbone residual block and each prior transformer layer in the backward
+    instead of keeping their activations (torch.utils.checkpoint, non-reentrant); same loss and
+    gradients; null = preset's (off)."""
     projector_hidden_dim: Optional[int] = None
     """Width of the 3-layer retrieval projector (MindEye1 2048, MindEye2 = token dim); null = preset's."""
     prior: Optional[bool] = None
@@ -111,7 +119,7 @@ class ModelConfig:
             self.lowlevel_shape = [int(v) for v in self.lowlevel_shape]
         if self.lowlevel_channels is not None:
             self.lowlevel_channels = [int(v) for v in self.lowlevel_channels]
-        for key in ("hidden_dim", "n_voxels", "n_tokens", "token_dim", "projector_hidden_dim", "prior_depth",
+        for key in ("hidden_dim", "n_voxels", "n_tokens", "token_dim", "output_tiles", "projector_hidden_dim", "prior_depth",
                     "prior_heads", "prior_dim_head", "prior_ff_mult", "prior_timesteps", "lowlevel_hidden_dim",
                     "lowlevel_map_channels", "lowlevel_feature_dim"):
             value = getattr(self, key)
@@ -122,6 +130,8 @@ class ModelConfig:
         for key in ("dropout", "input_dropout", "prior_dropout", "lowlevel_dropout"):
             value = getattr(self, key)
             _check(value is None or 0.0 <= value < 1.0, key, value, "null or a probability in [0, 1)")
+        _check(self.activation_checkpointing is None or isinstance(self.activation_checkpointing, bool),
+               "activation_checkpointing", self.activation_checkpointing, "null, true or false")
         p = self.prior_cond_drop_prob
         _check(p is None or 0.0 <= p <= 1.0, "prior_cond_drop_prob", p, "null or a probability in [0, 1]")
         s = self.prior_target_scale

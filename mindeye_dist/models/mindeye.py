@@ -40,7 +40,8 @@ class MindEyeOutput:
 
 def build_prior(cfg: ModelConfig) -> DiffusionPrior:
     net = PriorNetwork(n_tokens=cfg.n_tokens, dim=cfg.token_dim, depth=cfg.prior_depth, heads=cfg.prior_heads,
-                       dim_head=cfg.prior_dim_head, ff_mult=cfg.prior_ff_mult, dropout=cfg.prior_dropout)
+                       dim_head=cfg.prior_dim_head, ff_mult=cfg.prior_ff_mult, dropout=cfg.prior_dropout,
+                       activation_checkpointing=bool(cfg.activation_checkpointing))
     return DiffusionPrior(net, timesteps=cfg.prior_timesteps, cond_drop_prob=cfg.prior_cond_drop_prob,
                           target_scale=cfg.prior_target_scale)
 

@@ -56,6 +56,8 @@ class Preset:
 _MINDEYE1 = dict(
     arch="mindeye1", hidden_dim=4096, n_blocks=4, backbone_blocks="working",
     subjects={"subj01": NSD_VOXELS["subj01"]},
+    output_tiles=8,  # 4096 -> 257*768: 808.6M parameters, ~101M per tile (ZeRO-3 gathers one at a time)
+    activation_checkpointing=False,
     n_tokens=257, token_dim=768, norm="layernorm", activation="gelu", dropout=0.15, input_dropout=0.5,
     projector_hidden_dim=2048,
     prior=True, prior_depth=6, prior_heads=12, prior_dim_head=64, prior_ff_mult=4, prior_dropout=0.0,
@@ -71,6 +73,8 @@ _MINDEYE2 = dict(
     # backbone_blocks="released" reproduces the released code exactly (see models/backbone.py).
     arch="mindeye2", hidden_dim=4096, n_blocks=4, backbone_blocks="working",
     subjects={"subj01": NSD_VOXELS["subj01"]},
+    output_tiles=16,  # 4096 -> 256*1664: 1.745B parameters, ~109M per tile
+    activation_checkpointing=False,
     n_tokens=256, token_dim=1664, norm="layernorm", activation="gelu", dropout=0.15, input_dropout=0.0,
     projector_hidden_dim=1664,
     prior=True, prior_depth=6, prior_heads=32, prior_dim_head=52, prior_ff_mult=4, prior_dropout=0.0,
@@ -83,7 +87,7 @@ _MINDEYE2 = dict(
 # Small presets share the MindEye2 layout; every data dim comes from the dataset.
 _SMALL = dict(
     arch="mindeye2", backbone_blocks="working", norm="layernorm", activation="gelu", dropout=0.15,
-    input_dropout=0.0,
+    input_dropout=0.0, output_tiles=1, activation_checkpointing=False,
     prior=True, prior_ff_mult=4, prior_dropout=0.0, prior_timesteps=100, prior_cond_drop_prob=0.2,
     prior_target_scale=1.0, lowlevel="auto", lowlevel_from="backbone", lowlevel_hidden_dim=256,
     lowlevel_n_blocks=0, lowlevel_map_channels=64, lowlevel_dropout=0.3,

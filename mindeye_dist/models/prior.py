@@ -59,6 +59,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from mindeye_dist.models.layers import mark_checkpoint_unit, run_checkpointed
+
 ROTARY_DIM = 32  # DALLE2: RotaryEmbedding(dim=min(32, dim_head))
 ROTARY_THETA = 10000.0
 REL_POS_BUCKETS = 32
@@ -209,24 +211,41 @@ def feed_forward(dim: int, mult: int, dropout: float) -> nn.Sequential:
                          nn.Linear(inner, dim, bias=False))
 
 
-class PriorTransformer(nn.Module):
-    """Pre-norm, non-causal transformer of attention + feed-forward residual layers."""
+class PriorLayer(nn.ModuleList):
+    """``[attention, feed-forward]``, each a pre-norm residual (DALLE2's ``layers.<i>.{0,1}`` keys)."""
 
-    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, ff_mult: int, dropout: float):
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        attention, ff = self
+        x = x + attention(x, bias)
+        return x + ff(x)
+
+
+class PriorTransformer(nn.Module):
+    """Pre-norm, non-causal transformer of attention + feed-forward residual layers.
+
+    With ``activation_checkpointing`` each layer's activations are recomputed in the backward
+    (only the layer inputs, (B, 2T+1, D) each, are kept).
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, ff_mult: int, dropout: float,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.rel_pos_bias = RelativePositionBias(heads)
         self.layers = nn.ModuleList(
-            nn.ModuleList([Attention(dim, heads, dim_head, dropout), feed_forward(dim, ff_mult, dropout)])
+            PriorLayer([Attention(dim, heads, dim_head, dropout), feed_forward(dim, ff_mult, dropout)])
             for _ in range(depth))
         self.norm_out = LayerNorm(dim, stable=True)
         self.project_out = nn.Linear(dim, dim, bias=False)
+        self.checkpointing = activation_checkpointing
+        if activation_checkpointing:
+            for layer in self.layers:
+                mark_checkpoint_unit(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
         bias = self.rel_pos_bias(n, n + 1, x.device)  # +1: the null key sits before the sequence
-        for attention, ff in self.layers:
-            x = x + attention(x, bias)
-            x = x + ff(x)
+        for layer in self.layers:
+            x = run_checkpointed(layer, x, bias, enabled=self.checkpointing)  # (B, 2T+1, D)
         return self.project_out(self.norm_out(x))
 
 
@@ -236,7 +255,7 @@ class PriorNetwork(nn.Module):
     _no_weight_decay = ("learned_queries", "null_brain_embeds", "null_image_embed")
 
     def __init__(self, n_tokens: int, dim: int, depth: int, heads: int, dim_head: int, ff_mult: int = 4,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, activation_checkpointing: bool = False):
         super().__init__()
         self.n_tokens = n_tokens
         self.time_mlp = nn.Sequential(  # DALLE2 MLP(dim, dim): dim -> 2dim -> 2dim -> dim, SiLU
@@ -245,7 +264,7 @@ class PriorNetwork(nn.Module):
         self.learned_queries = nn.Parameter(torch.randn(n_tokens, dim) * dim ** -0.5)  # "pos_emb" mode
         self.null_brain_embeds = nn.Parameter(torch.randn(n_tokens, dim))
         self.null_image_embed = nn.Parameter(torch.randn(n_tokens, dim))
-        self.transformer = PriorTransformer(dim, depth, heads, dim_head, ff_mult, dropout)
+        self.transformer = PriorTransformer(dim, depth, heads, dim_head, ff_mult, dropout, activation_checkpointing)
 
     @staticmethod
     def _keep(batch: int, drop_prob: float, generator, device) -> torch.Tensor:

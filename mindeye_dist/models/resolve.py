@@ -75,6 +75,9 @@ def resolve_model_config(
         if values[key] is None:
             raise _error(f"model.{key} is unknown: preset {cfg.preset!r} takes it from the dataset's meta.json; "
                          f"pass the dataset or set model.{key}")
+    if cfg.output_tiles is None and values["output_tiles"] is not None:
+        # a preset's tile count fits its own output width; on smaller data dims use at most one row per tile
+        values["output_tiles"] = min(values["output_tiles"], values["n_tokens"] * values["token_dim"])
     if values["lowlevel"] == "auto":
         values["lowlevel"] = values["lowlevel_shape"] is not None
     if values["lowlevel"] and values["lowlevel_shape"] is None:
@@ -137,8 +140,10 @@ def _resolve_subjects(cfg: ModelConfig, preset: Preset, data_voxels: Optional[in
 def check_resolved(cfg: ModelConfig) -> None:
     """Cross-field invariants of a resolved config (each error names the key)."""
     for key in ("arch", "hidden_dim", "n_blocks", "backbone_blocks", "norm", "activation", "dropout",
-                "input_dropout", "projector_hidden_dim", "prior", "lowlevel"):
+                "input_dropout", "projector_hidden_dim", "prior", "lowlevel", "output_tiles", "activation_checkpointing"):
         _check(getattr(cfg, key) is not None, key, None, "a value (the preset gives none)")
+    _check(cfg.output_tiles <= cfg.out_dim(), "output_tiles", cfg.output_tiles,
+           f"at most the output width n_tokens x token_dim = {cfg.out_dim()} (1 = untiled)")
     # MindEye1's released blocks are the working ones; only MindEye2's release differs.
     _check(cfg.backbone_blocks == "working" or cfg.arch == "mindeye2", "backbone_blocks", cfg.backbone_blocks,
            "working with arch=mindeye1 (MindEye1's released blocks already work as described)")
