@@ -71,7 +71,7 @@ def test_sections_schema(result):
     large = presets["tiny:hidden_dim=64"]
     assert large["is_large"] and large["profile"]["top_ops"] and large["profile"]["categories"]
     rows = large["variants"]["rows"]
-    assert {"as shipped", "off: system_malloc", "off: world1_allreduce", "off: per_param_finite_check"} <= set(rows)
+    assert {"as shipped", "off: system_malloc", "off: world1_allreduce", "off: fused_update"} <= set(rows)
     assert all(_positive(r["step_time_s"]) for r in rows.values())
     assert result["host_memory"] == "reuse"
     from mindeye_dist import hostmem
