@@ -245,8 +245,11 @@ def measure_preset(spec: PresetSpec, micro_batches: list[int], *, repeats: int, 
     trainer = make_trainer(spec, cfg, device)
     out["trainer_init_s"] = time.perf_counter() - t  # model build + DeepSpeed engine
     engine = trainer.engine
-    out["engine"] = f"mindeye_dist.trainer.Trainer on DeepSpeedEngine (DeepSpeed ZeRO-{engine.zero_stage}, world of one), " \
-                    f"optimizer {engine.optimizer_name}"
+    wrapper = type(engine.engine.optimizer).__name__
+    out["engine"] = (f"mindeye_dist.trainer.Trainer on DeepSpeedEngine (DeepSpeed ZeRO-{engine.zero_stage}, world of one, "
+                     f"{precision}), optimizer {engine.optimizer_name}"
+                     + (f" in DeepSpeed's {wrapper}" if engine.engine.optimizer is not engine.basic_optimizer else "")
+                     + f", update: {engine.fused_path or 'DeepSpeed'}")
     stepper = Stepper(trainer)
     model_cfg = trainer.model.config
     rows = []
