@@ -130,3 +130,19 @@ def test_cli_peak_only(tmp_path):
     assert main(["--quick", "--sections", "peak", "--json", str(out), "--markdown", str(tmp_path / "b.md")]) == 0
     data = json.loads(out.read_text())
     assert _positive(data["peak"]["matmul_flops_per_s"]) and all(k in data for k in HEADLINES)
+
+
+def test_lean_attention_equals_shipped_layer():
+    """The what-if attention (bench/attention.py) computes the prior's attention layer: outputs and
+    every gradient, the relative-position bias's included, equal to fp32 rounding."""
+    import torch
+
+    from mindeye_dist.bench.attention import compare, multi_query_attention
+
+    q, k, v = torch.randn(2, 3, 7, 5, dtype=torch.double), torch.randn(2, 8, 5, dtype=torch.double), torch.randn(2, 8, 5, dtype=torch.double)
+    bias = torch.randn(3, 7, 8, dtype=torch.double)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
+    assert torch.autograd.gradcheck(lambda *a: multi_query_attention(*a, 1.7, 3), inputs)
+    r = compare(batch=2, tokens=41, dim=32, heads=2, dim_head=40, rounds=1)
+    assert r["max_relative_difference"].keys() >= {"out", "x", "rel", "to_q.weight", "null_kv"}
+    assert max(r["max_relative_difference"].values()) < 1e-5, r["max_relative_difference"]
