@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mindeye1-hidden", type=int, default=None,
                    help="backbone width of the MindEye1-size comparison (default: the widest of 4096/2048/1024/512 that fits)")
     p.add_argument("--mindeye1-rounds", type=int, default=d.mindeye1_rounds, help="alternations of ours and the reference")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help=f"size of the peak-FLOP/s matmul (default {d.matmul_n}; bf16 on a CPU without bf16 units needs ~1024)")
     p.add_argument("--gpu-check", action="store_true",
                    help="GPU readiness instead of the benchmark: bf16 MFU at mindeye1, fused optimizer, NCCL, ZeRO-3 memory")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="--gpu-check's device")
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--sections" in (sys.argv if argv is None else argv):
         explicit["sections"] = sections
     explicit.update(mindeye1_hidden=args.mindeye1_hidden, mindeye1_rounds=args.mindeye1_rounds)
+    if args.matmul_n:
+        explicit["matmul_n"] = args.matmul_n
     import dataclasses
 
     opts = dataclasses.replace(opts, **explicit)
