@@ -5,6 +5,9 @@ reference-style loop, the loader (local vs S3) and ZeRO memory per rank, in one 
     python launchers/benchmark.py --quick --json bench.json         # ~1 min
     python launchers/benchmark.py --preset demo --preset mindeye1-bp --micro-batch-sizes 32,128 \\
         --sections train,peak --markdown BENCH.md
+    python launchers/benchmark.py --sections mindeye1 --json me1.json      # ours vs the references at MindEye1 size
+    python launchers/benchmark.py --gpu-check --json gpu.json               # GPU readiness (launchers/gpu_check.sh)
+    python launchers/benchmark.py --gpu-check --device cpu --quick          # its CPU test: CUDA parts skipped
 
 Presets: model preset names, ``mindeye1-bp`` (MindEye1 backbone + projector, prior and low-level
 off), or ``NAME:key=value,...`` with model overrides; the last one is the "large" preset (profiled).
@@ -57,7 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-memory", choices=("auto", "reuse", "system"), default=d.host_memory,
                    help="host allocator as train.host_memory (default auto: on CPU, freed memory is kept for the next step)")
     p.add_argument("--work-dir", default=None, help="keep the generated datasets here and reuse them (default: temp dir)")
+    p.add_argument("--mindeye1-hidden", type=int, default=None,
+                   help="backbone width of the MindEye1-size comparison (default: the widest of 4096/2048/1024/512 that fits)")
+    p.add_argument("--mindeye1-rounds", type=int, default=d.mindeye1_rounds, help="alternations of ours and the reference")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help=f"size of the peak-FLOP/s matmul (default {d.matmul_n}; bf16 on a CPU without bf16 units needs ~1024)")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="GPU readiness instead of the benchmark: bf16 MFU at mindeye1, fused optimizer, NCCL, ZeRO-3 memory")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="--gpu-check's device")
     args = p.parse_args(argv)
+    if args.gpu_check:
+        return _gpu_check(args)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     opts = BenchmarkOptions(micro_batch_sizes=args.micro_batch_sizes, repeats=args.repeats, quick=args.quick,
                             sections=sections, precision=args.precision, ds_config=args.ds_config, work_dir=args.work_dir,
@@ -77,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         explicit["reference_steps"] = args.reference_steps
     if args.memory_preset:
         explicit["memory_preset"] = args.memory_preset
+    if "--sections" in (sys.argv if argv is None else argv):
+        explicit["sections"] = sections
+    explicit.update(mindeye1_hidden=args.mindeye1_hidden, mindeye1_rounds=args.mindeye1_rounds)
+    if args.matmul_n:
+        explicit["matmul_n"] = args.matmul_n
     import dataclasses
 
     opts = dataclasses.replace(opts, **explicit)
@@ -88,6 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
     return 0
+
+
+def _gpu_check(args) -> int:
+    from mindeye_dist.bench.gpu import GpuCheckOptions, format_markdown as gpu_markdown, run_gpu_check
+
+    result = run_gpu_check(GpuCheckOptions(device=args.device, quick=args.quick))
+    text = gpu_markdown(result)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    failed = [k for k in ("environment", "optimizer", "nccl", "mfu", "zero3") if result[k]["status"] == "failed"]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ Sections (each a function in :mod:`mindeye_dist.bench`):
    share); for the largest preset a torch.profiler breakdown and proposed-engine "what-if" runs.
 3. ``reference``: the MindEye-reference-style loop (frozen ViT-L/14 run on every batch, plain
    AdamW) on the same preset and micro-batch (``bench.reference``).
+3b. ``mindeye1``: the reference comparison at MindEye1 size (``bench.mindeye1``): our step against
+   a step built from the references' own model code (MindEye1's BrainNetwork, dalle2-pytorch's
+   prior, plain AdamW) with its frozen ViT-L/14, at 15,724 voxels, 257x768 tokens, the prior, the
+   references' batch of 32, each side in its own process with its peak RSS; the source of the
+   ``train_vs_reference_ratio`` and ``train_vs_cached_reference_ratio`` headlines when measured.
 4. ``data``: loader samples/s and MB/s at NSD sizes, local vs loopback S3 (``bench.data``).
 5. ``memory``: ZeRO 0-3 model-state RSS per rank with 2 ranks, fp32 and bf16, vs ``estimate_memory`` (``bench.memory``).
 
@@ -37,11 +42,12 @@ import torch
 from mindeye_dist.bench.common import PresetSpec, count, device_label, experiment_config, host_info, log, \
     mem_available_bytes
 
-HEADLINES = ("train_vs_reference_ratio", "train_flops_fraction_of_peak", "loader_vs_consumption_ratio",
+HEADLINES = ("train_vs_reference_ratio", "train_vs_cached_reference_ratio", "train_flops_fraction_of_peak", "loader_vs_consumption_ratio",
              "s3_vs_local_ratio", "zero3_vs_zero0_memory_ratio", "estimate_vs_measured_memory_ratio", "device")
 
 TARGETS = {
     "train_vs_reference_ratio": (">=", 3.0),
+    "train_vs_cached_reference_ratio": (">=", 2.0),
     "train_flops_fraction_of_peak": (">=", 0.60),
     "loader_vs_consumption_ratio": (">=", 5.0),
     "s3_vs_local_ratio": (">=", 0.80),
@@ -49,7 +55,7 @@ TARGETS = {
     "estimate_vs_measured_memory_ratio": ("within", 0.15),
 }
 
-SECTIONS = ("peak", "train", "reference", "data", "memory")
+SECTIONS = ("peak", "train", "reference", "mindeye1", "data", "memory")
 
 
 @dataclass
@@ -91,6 +97,18 @@ class BenchmarkOptions:
     reference_micro_batch: int = 32
     reference_steps: int = 2
     reference_encoder: str = "ViT-L-14"
+    mindeye1_hidden: Optional[int] = None
+    """Backbone width of the MindEye1-size comparison (None: the widest of 4096/2048/1024/512 whose
+    step fits MemAvailable, ``bench.mindeye1.choose_hidden``)."""
+    mindeye1_micro_batch: int = 32
+    """The references' batch (MindEye1: 32 per GPU)."""
+    mindeye1_rounds: int = 2
+    """Alternations of the two sides' processes (each times ``mindeye1_steps`` steps after a warm-up)."""
+    mindeye1_steps: int = 2
+    mindeye1_shape: Optional[dict[str, Any]] = None
+    """``bench.reference.MindEye1Shape`` overrides (tests shrink it); None: MindEye1's."""
+    mindeye1_encoder_config: Optional[str] = None
+    """An open_clip model config file registered in the reference's process (tests: a tiny ViT)."""
     consumption_preset: str = "mindeye1-bp"
     """The model whose samples/s the loader must outrun: its measured samples/s when it is among the
     training presets, else its compute ceiling (measured matmul peak / its FLOPs per sample), which
@@ -134,7 +152,7 @@ class BenchmarkOptions:
             variant_repeats=2, real_loader_steps=10, real_loader_train_samples=640, reference_micro_batch=2,
             reference_steps=1, consumption_preset="demo", data_train_samples=96, data_repeats=1,
             memory_preset="scale-10m", memory_stages=(0, 3), memory_small_bucket_stages=(), matmul_n=2048,
-            matmul_repeats=5, quick=True, quick_applied=True)
+            matmul_repeats=5, sections=tuple(x for x in self.sections if x != "mindeye1"), quick=True, quick_applied=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,12 +252,27 @@ def _headlines(result: dict[str, Any], opts: BenchmarkOptions) -> dict[str, Any]
     h: dict[str, Any] = {k: None for k in HEADLINES}
     h["device"] = result["device"]
     ref = result.get("reference")
-    if ref and opts.reference_preset in train:
+    me1 = result.get("mindeye1")
+    if me1:
+        sps, shape = me1["samples_per_s"], me1["shape"]
+        basis = (f"MindEye1 shape ({shape['n_voxels']:,} voxels, {shape['n_tokens']}x{shape['token_dim']} tokens, prior; "
+                 f"hidden {me1['hidden']}, "
+                 f"{me1['params']['ours'] / 1e6:.0f}M params), micro-batch {me1['micro_batch']}, fp32: ours {sps['ours']:.3g}")
+        h["train_vs_reference_ratio"] = me1["ratio_vs_reference_with_encoder"]
+        notes["train_vs_reference_ratio"] = f"{basis} vs reference {sps['reference_with_encoder']:.3g} samples/s (frozen ViT-L/14 every step)"
+        h["train_vs_cached_reference_ratio"] = me1["ratio_vs_reference_cached_targets"]
+        notes["train_vs_cached_reference_ratio"] = f"{basis} vs reference {sps['reference_cached_targets']:.3g} samples/s (targets cached)"
+    elif ref and opts.reference_preset in train:
         row = next((r for r in train[opts.reference_preset]["rows"] if r["micro_batch"] == ref["micro_batch"]), None)
         if row:
             h["train_vs_reference_ratio"] = _ratio(row["samples_per_s"], ref["samples_per_s"])
             notes["train_vs_reference_ratio"] = (f"{opts.reference_preset} preset, micro-batch {ref['micro_batch']}: ours "
                                                  f"{row['samples_per_s']:.1f} vs reference {ref['samples_per_s']:.3f} samples/s")
+            cached = ref["micro_batch"] / ref["train_step_s"]
+            h["train_vs_cached_reference_ratio"] = _ratio(row["samples_per_s"], cached)
+            notes["train_vs_cached_reference_ratio"] = (f"{opts.reference_preset} preset (our model, plain AdamW), micro-batch "
+                                                        f"{ref['micro_batch']}: ours {row['samples_per_s']:.1f} vs "
+                                                        f"{cached:.1f} samples/s")
     large = next((v for v in train.values() if v.get("is_large")), None) or (list(train.values())[-1] if train else None)
     if large:
         best = max(large["rows"], key=lambda r: r["fraction_of_peak"] or 0.0)
@@ -370,6 +403,14 @@ def run_benchmark(opts: Optional[BenchmarkOptions] = None) -> dict[str, Any]:
                 f"{opts.reference_micro_batch}, {opts.reference_steps} step(s)")
             result["reference"] = measure_reference(PresetSpec.parse(opts.reference_preset), opts.reference_micro_batch,
                                                     opts.reference_steps, device, opts.reference_encoder)
+        if "mindeye1" in opts.sections:
+            from mindeye_dist.bench.mindeye1 import measure_mindeye1
+            from mindeye_dist.bench.reference import MindEye1Shape
+
+            result["mindeye1"] = measure_mindeye1(
+                opts.mindeye1_hidden, opts.mindeye1_micro_batch, opts.mindeye1_rounds, opts.mindeye1_steps,
+                encoder=opts.reference_encoder, shape=MindEye1Shape(**(opts.mindeye1_shape or {})),
+                encoder_config=opts.mindeye1_encoder_config)
         if "memory" in opts.sections:
             from mindeye_dist.bench.memory import measure_zero_memory
 

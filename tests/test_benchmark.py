@@ -17,6 +17,11 @@ TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "wid
              "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}}
 
 
+ME1_TINY = {"n_voxels": 64, "n_tokens": 4, "token_dim": 16, "projector_hidden": 16, "prior_depth": 1, "prior_heads": 2,
+            "prior_dim_head": 8}
+"""MindEye1's layout (BrainNetwork, 2T+1-token prior) at toy sizes: the section's plumbing, not its numbers."""
+
+
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
@@ -38,7 +43,9 @@ def result(tmp_path_factory):
         reference_preset="tiny", reference_micro_batch=2, reference_steps=1, reference_encoder="bench-tiny-clip",
         consumption_preset="tiny:hidden_dim=64", data_train_samples=24, data_repeats=1, data_workers=1, data_batch_size=4,
         data_dims={"n_voxels": 96, "n_tokens": 4, "token_dim": 16}, memory_preset="tiny", memory_micro_batch=2,
-        memory_stages=(0, 3), memory_small_bucket_stages=(3,), matmul_n=256, matmul_repeats=3, work_dir=str(tmp / "work"), command="pytest")
+        memory_stages=(0, 3), memory_small_bucket_stages=(3,), matmul_n=256, matmul_repeats=3, work_dir=str(tmp / "work"),
+        mindeye1_hidden=32, mindeye1_micro_batch=4, mindeye1_rounds=1, mindeye1_steps=1, mindeye1_shape=ME1_TINY,
+        mindeye1_encoder_config=str(tmp / "bench-tiny-clip.json"), command="pytest")
     try:
         yield run_benchmark(opts)
     finally:
@@ -71,7 +78,7 @@ def test_sections_schema(result):
     large = presets["tiny:hidden_dim=64"]
     assert large["is_large"] and large["profile"]["top_ops"] and large["profile"]["categories"]
     rows = large["variants"]["rows"]
-    assert {"as shipped", "off: system_malloc", "off: world1_allreduce", "off: per_param_finite_check"} <= set(rows)
+    assert {"as shipped", "off: system_malloc", "off: world1_allreduce", "off: fused_update"} <= set(rows)
     assert all(_positive(r["step_time_s"]) for r in rows.values())
     assert result["host_memory"] == "reuse"
     from mindeye_dist import hostmem
@@ -84,6 +91,16 @@ def test_sections_schema(result):
     assert _positive(ref["samples_per_s"]) and _positive(ref["encoder"]["seconds_per_step"])
     for src in ("local", "s3"):
         assert _positive(result["data"][src]["samples_per_s"]) and _positive(result["data"][src]["mb_per_s"])
+    me1 = result["mindeye1"]
+    assert me1["hidden"] == 32 and me1["params"]["ours"] > 0 and me1["params"]["reference"] > 0
+    for k in ("ratio_vs_reference_with_encoder", "ratio_vs_reference_cached_targets", "flops_per_s_ours"):
+        assert _positive(me1[k]), (k, me1[k])
+    assert result["train_vs_reference_ratio"] == me1["ratio_vs_reference_with_encoder"]
+    assert result["train_vs_cached_reference_ratio"] == me1["ratio_vs_reference_cached_targets"]
+    assert _positive(me1["memory"]["ours_peak_rss_bytes"]) and _positive(me1["memory"]["reference_peak_rss_bytes"])
+    assert set(me1["components_s"]["ours"]) == set(me1["components_s"]["reference"])
+    assert all(_positive(v) for side in me1["components_s"].values() for v in side.values())
+    assert me1["profile"]["ours"]["top_ops"] and me1["profile"]["reference_cached_targets"]["top_ops"]
     mem = result["memory"]
     assert set(mem["stages"]) == {"0", "3", "3+small_buckets"}
     for s in mem["stages"].values():
@@ -95,7 +112,8 @@ def test_json_and_markdown(result):
     text = json.dumps(result, allow_nan=False, default=str)
     assert json.loads(text)["train_vs_reference_ratio"] == result["train_vs_reference_ratio"]
     md = format_markdown(result)
-    for heading in ("Headline ratios", "Training step", "Reference-style loop", "Data loader", "ZeRO model-state memory"):
+    for heading in ("Headline ratios", "Training step", "Reference-style loop", "Reference comparison at MindEye1 size",
+                    "Data loader", "ZeRO model-state memory"):
         assert heading in md
 
 
@@ -112,3 +130,19 @@ def test_cli_peak_only(tmp_path):
     assert main(["--quick", "--sections", "peak", "--json", str(out), "--markdown", str(tmp_path / "b.md")]) == 0
     data = json.loads(out.read_text())
     assert _positive(data["peak"]["matmul_flops_per_s"]) and all(k in data for k in HEADLINES)
+
+
+def test_lean_attention_equals_shipped_layer():
+    """The what-if attention (bench/attention.py) computes the prior's attention layer: outputs and
+    every gradient, the relative-position bias's included, equal to fp32 rounding."""
+    import torch
+
+    from mindeye_dist.bench.attention import compare, multi_query_attention
+
+    q, k, v = torch.randn(2, 3, 7, 5, dtype=torch.double), torch.randn(2, 8, 5, dtype=torch.double), torch.randn(2, 8, 5, dtype=torch.double)
+    bias = torch.randn(3, 7, 8, dtype=torch.double)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
+    assert torch.autograd.gradcheck(lambda *a: multi_query_attention(*a, 1.7, 3), inputs)
+    r = compare(batch=2, tokens=41, dim=32, heads=2, dim_head=40, rounds=1)
+    assert r["max_relative_difference"].keys() >= {"out", "x", "rel", "to_q.weight", "null_kv"}
+    assert max(r["max_relative_difference"].values()) < 1e-5, r["max_relative_difference"]

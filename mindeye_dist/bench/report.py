@@ -92,6 +92,9 @@ def format_markdown(r: dict[str, Any]) -> str:
                 f"Encoder: open_clip `{enc['name']}` random init ({enc['params'] / 1e6:.0f}M vision params, "
                 f"{enc['image_size']}px, {enc['tokens_shape'][0]}x{enc['tokens_shape'][1]} tokens), fp32 eager, no_grad; "
                 f"{ref['targets']}; {ref['optimizer']}.", ""]
+    me1 = r.get("mindeye1")
+    if me1:
+        out += format_mindeye1(me1)
     data = r.get("data")
     if data:
         dd = data.get("dims", {})
@@ -132,3 +135,43 @@ def format_markdown(r: dict[str, Any]) -> str:
                 "default) a run's RSS stays at the step peak. `+small_buckets`: the shipped config with every bucket at "
                 "5e6 elements.", ""]
     return "\n".join(out)
+
+
+def format_mindeye1(m: dict[str, Any]) -> list[str]:
+    """The MindEye1-size comparison: throughput, memory, where each side's step goes."""
+    sh, sps, st, mem = m["shape"], m["samples_per_s"], m["step_s"], m["memory"]
+    loads = ", ".join(f"{x:.1f}" for x in m.get("load_avg_1m", []))
+    out = [f"### Reference comparison at MindEye1 size (hidden {m['hidden']}, micro-batch {m['micro_batch']}, fp32)", "",
+           f"{sh['n_voxels']:,} voxels -> {sh['n_blocks']} blocks of {m['hidden']} -> {sh['n_tokens']}x{sh['token_dim']} "
+           f"tokens, projector {sh['projector_hidden']}, prior depth {sh['prior_depth']} over {2 * sh['n_tokens'] + 1} "
+           f"tokens; {m['params']['ours']:,} trainable parameters (reference {m['params']['reference']:,}); "
+           f"{m['flops_per_sample'] / 1e9:.3g} GFLOP/sample. {m['rounds']} alternating round(s) per side, each in its "
+           f"own process; 1-minute load average before/after each process: {loads}.", "",
+           "| side | step s (median) | samples/s | ours is | peak RSS GiB |", "|---|---|---|---|---|",
+           f"| **ours** ({m['engine']}) | {st['ours']:.2f} | {sps['ours']:.3g} | - | {_gib(mem['ours_peak_rss_bytes'])} "
+           f"(estimate {_gib(mem['ours_estimate_peak_bytes'])}) |",
+           f"| reference, frozen {m['encoder']['name']} every step | {st['reference_with_encoder']:.2f} "
+           f"(encoder {st['reference_encoder']:.2f}) | {sps['reference_with_encoder']:.3g} | "
+           f"**{m['ratio_vs_reference_with_encoder']:.2f}x** | {_gib(mem['reference_peak_rss_bytes'])} |",
+           f"| reference, cached targets | {st['reference_cached_targets']:.2f} | {sps['reference_cached_targets']:.3g} | "
+           f"**{m['ratio_vs_reference_cached_targets']:.2f}x** | {_gib(mem['reference_peak_rss_without_encoder_weights_bytes'])} "
+           f"(without the encoder's weights) |", "",
+           f"Ours: {m['flops_per_s_ours'] / 1e9:.1f} GFLOP/s; phases forward+loss / backward / optimizer "
+           f"{m['phases_s']['forward_loss']:.2f} / {m['phases_s']['backward']:.2f} / {m['phases_s']['optimizer_step']:.2f} s; "
+           f"host allocator {mem['host_memory']}. Training FLOPs per sample by component: "
+           + ", ".join(f"{k} {v / 1e9:.3g} G" for k, v in m["flops_by_component"].items() if v and k != "total") + ".", ""]
+    comp = m.get("components_s") or {}
+    if comp.get("ours") and comp.get("reference"):
+        out += ["Each component alone, forward + backward (the optimizer: one step), seconds at this micro-batch:", "",
+                "| component | ours | reference |", "|---|---|---|"]
+        for k, v in comp["ours"].items():
+            out.append(f"| {k.strip()}{' (part of the backbone)' if k.startswith(' ') else ''} | {v:.2f} | "
+                       f"{_f(comp['reference'].get(k), '{:.2f}')} |")
+        out.append("")
+    for side, prof in (m.get("profile") or {}).items():
+        if not prof:
+            continue
+        out += [f"Profile of one step, {side.replace('_', ' ')} (torch.profiler, {prof['wall_s']:.1f} s): "
+                + ", ".join(f"{k} {v['share']:.2f}" for k, v in prof["categories"].items()) + "; top ops: "
+                + ", ".join(f"`{o['op']}` {o['share']:.2f}" for o in prof["top_ops"][:6]) + ".", ""]
+    return out

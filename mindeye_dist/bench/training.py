@@ -165,8 +165,9 @@ VARIANTS = {
                      "mindeye_dist.hostmem.reuse_freed_memory (train.host_memory=reuse, the CPU default)",
     "world1_allreduce": "DeepSpeed's backward all-reduce left on with one rank (it flattens every gradient into "
                         "buckets, 'all-reduces' them over one rank, scales by 1/1 and copies them back)",
-    "per_param_finite_check": "the non-finite gradient check as one isfinite().all() per parameter instead of one "
-                              "torch.nn.utils.get_total_norm pass (fp32 ZeRO-0 only)",
+    "fused_update": "DeepSpeed's own ZeRO-0 update instead of mindeye_dist.engine's fused one (fp32: its clip_grad_norm_, "
+                    "a second norm pass and a multiply of every gradient; bf16: FP16_UnfusedOptimizer.step, an amax+amin "
+                    "overflow scan, a norm and an unscale pass before the AdamW)",
 }
 
 
@@ -191,8 +192,8 @@ def apply_variants(trainer: Trainer, names: list[str]) -> Callable[[], None]:
             hostmem.system_defaults()
         elif name == "world1_allreduce":
             options.skip_one_rank_allreduce = False
-        elif name == "per_param_finite_check":
-            options.finite_check = "per_param"
+        elif name == "fused_update":
+            options.fused_update = False
         else:
             restore()
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
@@ -244,8 +245,11 @@ def measure_preset(spec: PresetSpec, micro_batches: list[int], *, repeats: int, 
     trainer = make_trainer(spec, cfg, device)
     out["trainer_init_s"] = time.perf_counter() - t  # model build + DeepSpeed engine
     engine = trainer.engine
-    out["engine"] = f"mindeye_dist.trainer.Trainer on DeepSpeedEngine (DeepSpeed ZeRO-{engine.zero_stage}, world of one), " \
-                    f"optimizer {engine.optimizer_name}"
+    wrapper = type(engine.engine.optimizer).__name__
+    out["engine"] = (f"mindeye_dist.trainer.Trainer on DeepSpeedEngine (DeepSpeed ZeRO-{engine.zero_stage}, world of one, "
+                     f"{precision}), optimizer {engine.optimizer_name}"
+                     + (f" in DeepSpeed's {wrapper}" if engine.engine.optimizer is not engine.basic_optimizer else "")
+                     + f", update: {engine.fused_path or 'DeepSpeed'}")
     stepper = Stepper(trainer)
     model_cfg = trainer.model.config
     rows = []
@@ -286,7 +290,7 @@ def measure_variants(stepper: Stepper, batch, base_row: dict, repeats: int, flop
     host_memory = "reuse" if hostmem.current() == "reuse" else "system"
     mb = base_row["micro_batch"]
     labels = [("as shipped", [])] + [(f"off: {n}", [n]) for n in VARIANTS
-                                      if n != "per_param_finite_check" or stepper.trainer.engine.manual_finite_check]
+                                      if n != "fused_update" or stepper.trainer.engine.fused_path]
     if host_memory != "reuse":
         labels = [lab for lab in labels if lab[1] != ["system_malloc"]]
     result: dict[str, Any] = {"micro_batch": mb, "descriptions": VARIANTS, "host_memory": host_memory, "rows": {}}
