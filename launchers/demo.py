@@ -227,15 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         return rc if 0 < rc < 256 else 1
 
     print("== evaluating the test split (300-way, 30 loops) with the ridge baseline", flush=True)
-    from mindeye_dist.data import read_meta
     from mindeye_dist.evaluate import evaluate_run
 
     t = time.perf_counter()
-    res = evaluate_run(str(run_dir), None, cfg.data.test_split, None, 300, 30, 0, "ridge")
-    if "ceiling" not in res:  # evaluate_run looks for it under a key DatasetMeta lacks; meta.json has it
-        ceiling = read_meta(args.data_url, s3_endpoint=args.s3_endpoint).raw.get("retrieval_ceiling")
-        if ceiling and ceiling.get("split") == cfg.data.test_split:
-            res["ceiling"] = ceiling
+    res = evaluate_run(str(run_dir), None, cfg.data.test_split, None, 300, 30, 0, "ridge")  # with meta.json's ceiling
     eval_s = time.perf_counter() - t
     text, rows = table(res)
     print("\n" + text + "\n")

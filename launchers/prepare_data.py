@@ -1,6 +1,6 @@
 """Build a sharded dataset (webdataset tars + stats.npz + meta.json) locally or on S3.
 
-    # an outside dataset in the arrays contract (DESIGN.md)
+    # an outside dataset in the arrays contract (README "Data", docs/data.md)
     python launchers/prepare_data.py arrays --src DIR --out data/subj01 [--val-fraction 0.1]
     # the embedded synthetic subject
     python launchers/prepare_data.py synthetic --preset demo --out demo_out/data [--seed 0]
@@ -192,6 +192,7 @@ def _run_importer(args, command: str) -> int:
     counts = ", ".join(f"{name} {s.count}" for name, s in meta.splits.items())
     fields = ", ".join(f"{k} {v.get('shape')}" for k, v in meta.raw["fields"].items() if k != "ids")
     print(f"dataset {meta.url}: {counts} samples; fields: {fields}")
+    return 0
 
 
 def _spec_overrides(items: list[str]) -> dict:

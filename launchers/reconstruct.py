@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--run", help="run directory written by launchers/train.py")
     p.add_argument("--data", dest="data_url", help="dataset URL (default: the run's data.url)")
     p.add_argument("--split", default="test")
-    p.add_argument("--checkpoint", help="checkpoint tag (default: checkpoints/latest)")
+    p.add_argument("--checkpoint", help="checkpoint tag (default: checkpoints/best if the run marked one, else latest)")
     p.add_argument("--brain", choices=["model", "ridge"], default="model", help="model: the run; ridge: linear floor")
     p.add_argument("--generator", default="synthetic", help="synthetic | versatile-diffusion | unclip")
     p.add_argument("--weights", help="local diffusers pipeline folder of the generator")

@@ -1,7 +1,7 @@
 """Scale ladder: the largest MindEye backbone + prior that trains on this machine at 2 ranks, per
 ZeRO variant (ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload, ZeRO-3 with NVMe offload), each rung a real
 ``deepspeed --num_accelerators 2 launchers/train.py`` run; peak RSS per rank, step time and
-estimate.py's prediction. Writes OUT/ladder.json and OUT/ladder.md (the README table).
+estimate.py's prediction. Writes OUT/ladder.json and OUT/ladder.md (a markdown table).
 
     flock /tmp/mindeye_heavy.lock python launchers/scale_ladder.py --out /tmp/ladder
     python launchers/scale_ladder.py --out /tmp/ladder --variants zero3 --widths 2048,1024 --steps 20

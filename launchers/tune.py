@@ -7,7 +7,7 @@
     deepspeed launchers/train.py --ds_config ds_configs/zero2.json --config tune_out/best.yaml   # train the winner
 
 ASHA over learning rate, temperature, width, dropout and mixup on the validation split (never
-test), starting from the recipe for a new dataset (launchers/configs/default.yaml). The same
+test), starting from the recipe for a new dataset (launchers/configs/demo.yaml). The same
 command resumes a search whose driver was killed.
 """
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="dataset URL (local path or s3://)")
     p.add_argument("--out", required=True, help="tuning directory (best.yaml, tuning.json, trials/, ray/)")
-    p.add_argument("--config", default="launchers/configs/default.yaml", help="experiment YAML the search starts from")
+    p.add_argument("--config", default="launchers/configs/demo.yaml", help="experiment YAML the search starts from")
     p.add_argument("--ds-config", default="ds_configs/zero2.json", help="DeepSpeed JSON of every trial")
     p.add_argument("--budget-min", type=float, required=True, help="wall-clock budget of the search in minutes")
     p.add_argument("--trials", type=int, default=24, help="most trials to sample (ASHA stops the weak early)")

@@ -413,7 +413,7 @@ def _write(out: Path, result: dict[str, Any]) -> None:
 
 
 def format_markdown(result: dict[str, Any]) -> str:
-    """The README table: one row per rung run, then the widths that were not tried and why."""
+    """A markdown table: one row per rung run, then the widths that were not tried and why."""
     rows = ["| ZeRO variant (ds config) | backbone width | parameters | status | loss first 3 → last 3 steps | "
             "peak RSS / rank GiB | estimate GiB (ratio) | step s | load avg |",
             "|---|---|---|---|---|---|---|---|---|"]

@@ -18,11 +18,11 @@ worth of data is 250 distinct stimuli x 3 repetitions; a member's ``n_train`` is
 ``250 x sessions`` (the validation split is carved out of it when shards are written, 10 % by
 default). Every member has 1,000 test stimuli (NSD's shared1000) and 3 repetitions.
 
-**Held-out discipline.** :data:`TUNING` members are where the training recipe
-(:mod:`mindeye_dist.recipe`) was studied and tuned. :data:`HELD_OUT` members (settings chosen
+**Held-out discipline.** :data:`TUNING` members are where training recipes are studied and
+tuned (:mod:`mindeye_dist.recipe_study`). :data:`HELD_OUT` members (settings chosen
 to span the axes, generator seeds 9000+ that nothing else uses) were written into this file and
 committed *before* any tuning run, and were not trained on, evaluated, or even had their ridge
-baseline or ceiling printed until the recipe was frozen; they are what RECIPE.md reports.
+baseline or ceiling printed until the recipe was frozen; they are what a recipe is finally reported on.
 ``heldout-a`` and ``heldout-b`` are shaped like the two fresh subjects of issue #10 (A: other
 voxel count, token shape, noise, nonlinearity and informative share than the demo, 6,000
 stimuli x 3; B: more voxels, fewer informative, half the stimuli, smaller tokens).

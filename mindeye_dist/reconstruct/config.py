@@ -32,7 +32,7 @@ class ReconstructConfig:
     split: str = "test"
     """Split whose stimuli are reconstructed."""
     checkpoint: Optional[str] = None
-    """Checkpoint tag; default ``checkpoints/latest``."""
+    """Checkpoint tag; default ``checkpoints/best`` when the run marked one, else ``latest`` (as evaluate)."""
     brain: Literal["model", "ridge"] = "model"
     """``model``: the run's backbone -> prior -> tokens; ``ridge``: closed-form ridge voxels -> tokens and
     voxels -> VAE latents fitted on the train split (the linear floor; no prior)."""

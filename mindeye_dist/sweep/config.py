@@ -6,7 +6,7 @@ Ray Train. Example (``launchers/configs/sweeps/smoke.yaml``)::
 
     name: smoke
     base:
-      config: launchers/configs/default.yaml      # the experiment every trial starts from
+      config: launchers/configs/demo.yaml      # the experiment every trial starts from
       ds_config: ds_configs/zero2.json
       overrides: [model.prior=false]              # applied to every trial
     data:
@@ -37,8 +37,8 @@ __all__ = ["BaseSpec", "BudgetSpec", "DataSpec", "LRSpec", "ModelSize", "Resourc
 
 @dataclass
 class BaseSpec:
-    config: str = "launchers/configs/default.yaml"
-    """Experiment YAML every trial starts from (the recipe for a new dataset by default)."""
+    config: str = "launchers/configs/demo.yaml"
+    """Experiment YAML every trial starts from (the shipped demo recipe by default)."""
     ds_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON for every trial."""
     overrides: list[str] = field(default_factory=list)

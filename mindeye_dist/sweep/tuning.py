@@ -1,6 +1,6 @@
 """Tuning mode: a better configuration for one dataset within a stated budget.
 
-When the recipe for a new dataset (``launchers/configs/default.yaml``) is not enough, a Ray Tune
+When the recipe for a new dataset (``launchers/configs/demo.yaml``) is not enough, a Ray Tune
 search with ASHA over learning rate, temperature, width, dropout and mixup, judged on the
 validation split only (never test), writes its winner as a ready config file::
 
