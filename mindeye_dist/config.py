@@ -274,6 +274,10 @@ class LogConfig:
     """Append metrics to RUN_DIR/metrics.jsonl."""
     progress: Literal["auto", "on", "off"] = "auto"
     """Progress bar on rank 0: auto shows it only on a terminal."""
+    recon_grid: int = 8
+    """At each validation, TensorBoard image ``val/reconstructions``: the first N validation stimuli,
+    seen | blurry (low-level head) | reconstruction (prior DDIM 20 -> generator). Only for data whose
+    generator needs no weights (the synthetic subjects); 0 turns it off."""
 
 
 @dataclass

@@ -54,6 +54,9 @@ class Logger:
     def log_text(self, key: str, text: str, step: int) -> None:
         """Record a piece of text (config dump, notes) at ``step``."""
 
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        """Record an (H, W, 3) uint8 picture at ``step`` (loggers without pictures ignore it)."""
+
     def flush(self) -> None:
         """Push buffered records to storage."""
 
@@ -191,6 +194,10 @@ class TensorBoardLogger(Logger):
         self._writer.add_text(key, text, global_step=int(step))
         self._writer.flush()
 
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        self._writer.add_image(key, image, global_step=int(step), dataformats="HWC")
+        self._writer.flush()
+
     def flush(self) -> None:
         self._writer.flush()
 
@@ -211,6 +218,10 @@ class MultiLogger(Logger):
     def log_text(self, key: str, text: str, step: int) -> None:
         for logger in self.loggers:
             logger.log_text(key, text, step)
+
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_image(key, image, step)
 
     def flush(self) -> None:
         for logger in self.loggers:

@@ -257,6 +257,10 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
             beat()
             with trainer.meter.excluded():
                 val = trainer.validate(metas)
+                if cfg.log.tensorboard and cfg.log.recon_grid:
+                    grid = trainer.reconstruction_grid(metas[0], cfg.log.recon_grid)
+                    if grid is not None:
+                        loggers.log_image("val/reconstructions", grid, step)
             beat()
             if val:
                 is_best = selection.update(val, step)

@@ -461,6 +461,24 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
+    def reconstruction_grid(self, meta, n: int):
+        """(H, W, 3) uint8 grid of the first ``n`` validation stimuli (see ``log.recon_grid``), or None
+        when the data has no weight-free generator, no images or no val split. Every rank calls it in
+        lock-step (ZeRO-3 gathers parameters inside forward)."""
+        from mindeye_dist.data import build_eval_loader
+        from mindeye_dist.reconstruct.tensorboard import image_models_for, reconstruction_grid
+
+        split = self.cfg.data.val_split
+        if n <= 0 or split not in meta.splits or meta.split(split).count == 0:
+            return None
+        generator, decoder = image_models_for(meta)
+        if generator is None or (getattr(self.model, "prior", None) is None and getattr(self.model, "lowlevel", None) is None):
+            return None
+        batch = next(iter(build_eval_loader(self.cfg.data, split, batch_size=n, meta=meta, skip_shards=self.skip_shards)))
+        if batch.images is None:
+            return None
+        return reconstruction_grid(self.model, self.route(batch), generator, decoder, n=n, seed=self.cfg.run.seed)
+
     def embed(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
         """Retrieval-submodule outputs and targets for every batch of ``loader`` (float32, CPU).
 

@@ -51,6 +51,14 @@ def test_best_checkpoint_is_marked_and_kept(tmp_path, data_url):
     assert best["value"] == min(vals.values()) and vals[best["step"]] == best["value"]
     assert ckpt.read_best(run / "checkpoints") == best["tag"]  # kept although keep_last=1
     assert ckpt.read_latest(run / "checkpoints") == ckpt.tag_for(12)
+    # each validation put a picture in TensorBoard: seen | reconstruction rows of the val stimuli
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Images("val/reconstructions")
+    assert [e.step for e in images] == [3, 6, 9, 12]
+    assert images[0].width > images[0].height > 0 and images[0].encoded_image_string[:4] == b"\x89PNG"
 
 
 def test_early_stopping_stops_and_a_rerun_does_not_train_on(tmp_path, data_url):
