@@ -539,11 +539,13 @@ class MindEyeLoss(nn.Module):
 
     Usage per step::
 
-        voxels, mix = loss_fn.mix(step, voxels, generator, subject_ids)  # None after BiMixCo
-        out = model(voxels)
-        terms = loss_fn(step, out.retrieval, batch.clip, mix=mix, prior=out.prior_loss,
-                        lowlevel_pred=out.latents, lowlevel_target=batch.vae)
+        voxels, mix = loss_fn.mix(step, batch.voxels, generator, batch.subject)  # mix is None after BiMixCo
+        out, prior_loss = model(voxels, batch.subject, batch.targets)   # MindEye.forward
+        terms = loss_fn(step, out.projector, batch.targets, mix=mix, prior=prior_loss,
+                        lowlevel_pred=out.lowlevel, lowlevel_target=batch.vae)
         terms.total.backward()
+
+    (``mindeye_dist.trainer.forward_loss`` is this, with SoftCont's teacher tokens.)
     """
 
     def __init__(self, cfg: LossConfig, total_steps: int, group=None) -> None:
