@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,17 @@ def test_gpu_check_script_on_cpu(tmp_path):
     assert z["estimate_vs_measured_states"] > 0  # at the tiny preset DeepSpeed's fixed buffers dominate: no ratio asserted
     md = (tmp_path / "check.md").read_text()
     assert "nccl: skipped" in md and "ZeRO-3" in md and "optimizer picked" in md
+
+
+@pytest.mark.gpu
+def test_gpu_check_script_on_cuda(tmp_path):
+    """On a GPU host: the readiness check passes its own goals (bf16 MFU, fused optimizer, NCCL, ZeRO-3)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "DS_ACCELERATOR")}
+    env.update(PYTHON=sys.executable, OUT=str(tmp_path / "check"))
+    proc = subprocess.run(["bash", str(REPO / "launchers/gpu_check.sh"), "--device", "cuda", "--quick"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "check.json").read_text())
+    assert r["environment"]["device"] == "cuda" and r["optimizer"]["status"] == "ok"
+    assert r["nccl"]["status"] == "ok" and r["mfu"]["status"] == "ok"
+    assert all(x["samples_per_s"] > 0 for x in r["mfu"]["rows"])
