@@ -58,6 +58,7 @@ def test_one_rank_failing_ends_the_job_with_its_error(tmp_path, data_url):
     assert "rank 1 failed" in (tmp_path / "run/logs/rank1.log").read_text()
 
 
+@pytest.mark.slow  # waits out a real stall timeout (about a minute on 2 cores)
 def test_stalled_peer_ends_the_job_after_the_timeout(tmp_path, data_url):
     # Rank 1 stops itself (SIGSTOP) at step 3; rank 0 must give up after MINDEYE_DIST_TIMEOUT_S.
     proc = launch(tmp_path / "run", data_url, env=_env(MINDEYE_FAULTS="stall@3@1", MINDEYE_DIST_TIMEOUT_S="15"))

@@ -69,7 +69,8 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-3 in the default tier (it shards the most); 1 and 2 in the slow tier (make test-slow).
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_stage_trains_checkpoints_and_exports(tmp_path, data_url, stage):
     run = tmp_path / "run"
     _ok(launch(run, data_url, stage=stage))
@@ -113,7 +114,7 @@ def test_zero_stage_trains_checkpoints_and_exports(tmp_path, data_url, stage):
     assert float(checksum) == pytest.approx(float(sum(v.double().sum() for v in exported.values())), rel=0, abs=1e-9)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_resume_after_sigkill_is_bit_exact(tmp_path, data_url, stage):
     full, killed, in_save = tmp_path / "full", tmp_path / "killed", tmp_path / "in_save"
     extra = ("data.num_workers=1",)  # exercises the worker-process path of the resumable loader
