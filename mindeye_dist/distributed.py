@@ -160,6 +160,7 @@ def _listen_socket(addr: str, port: int):
 
 def _init_process_group(backend: str, rank: int, world_size: int, timeout) -> None:
     """``init_process_group`` with a store we control (see :func:`init_distributed`)."""
+    _forget_deepspeed_world_group()  # a group destroyed earlier in this process (not by us) left a stale clone
     if world_size == 1:
         # One process: an in-memory store, so nothing listens on any port.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -259,6 +260,18 @@ def teardown_distributed(failed: bool = False) -> None:
         except Exception:  # a peer is already gone; still tear down locally
             pass
     dist.destroy_process_group()
+    _forget_deepspeed_world_group()
+
+
+def _forget_deepspeed_world_group() -> None:
+    """DeepSpeed caches a clone of the world group (``deepspeed.utils.groups._WORLD_GROUP``); after
+    ``destroy_process_group`` that clone belongs to a dead group and the next engine in this process
+    (benchmarks, tests, sweeps' in-process trials) fails with "Group ... is not registered"."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and hasattr(groups, "_WORLD_GROUP"):
+        groups._WORLD_GROUP = None
 
 
 class StallWatchdog:
