@@ -1,6 +1,6 @@
 """The Natural Scenes Dataset as published: where its files are and how to read them.
 
-Facts this module relies on (sources in ``shared/reference/wave2-notes.md`` section 4):
+Facts this module relies on (sources: the NSD Data Manual, brain-diffuser and MindEye2 code cited below):
 
 - ``nsd_expdesign.mat`` is a MATLAB v5 file (every reference reads it with ``scipy.io.loadmat``,
   which cannot read v7.3) holding ``masterordering`` (1 x 30000), ``subjectim`` (8 x 10000),
