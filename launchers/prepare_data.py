@@ -68,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     synthetic.add_argument("--spec", nargs="+", default=[], metavar="KEY=VALUE",
                            help="override generator settings of the preset or member, e.g. noise=8 n_voxels=3000")
     synthetic.add_argument("--list-members", action="store_true", help="print the family's members and exit")
-    synthetic.set_defaults(seed=None)  # synthetic: the preset's seed 0, or the member's own seed
     _add_importer_parsers(sub, common)
     if "--list-members" in argv:
         return _list_members()
     args = parser.parse_args(argv)
+    # synthetic: no --seed means the preset's seed 0 or a member's own seed. (set_defaults on the
+    # subparser would change the shared --seed action of every subcommand: parents share actions.)
+    if args.source == "synthetic" and not any(a == "--seed" or a.startswith("--seed=") for a in argv):
+        args.seed = None
     command = "python launchers/prepare_data.py " + " ".join(shlex.quote(a) for a in argv)
     if args.source in IMPORTERS:
         return _run_importer(args, command)
