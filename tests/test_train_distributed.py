@@ -156,6 +156,7 @@ def test_nan_on_one_rank_is_skipped_by_both(tmp_path, data_url):
         assert "step 5 skipped" in (run / "logs" / f"rank{rank}.log").read_text()
 
 
+@pytest.mark.slow  # two ranks until the abort; the one-step skip stays in the default tier
 def test_consecutive_bad_steps_abort_every_rank(tmp_path, data_url):
     proc = launch(tmp_path / "run", data_url, "train.max_bad_steps=2", faults="nan_loss@3,nan_loss@4", stage=0)
     assert proc.returncode != 0
@@ -174,6 +175,7 @@ def test_config_mismatch_fails_before_workers_allocate(tmp_path, data_url):
     assert proc.returncode == 2 and "train.micro_batch_size='zero'" in proc.stderr
 
 
+@pytest.mark.slow  # three launches of the same script; the deepspeed launcher is in the default tier
 def test_torchrun_and_plain_python_run_the_same_script(tmp_path, data_url):
     _ok(launch(tmp_path / "tr", data_url, "train.max_steps=4", launcher="torchrun"))
     assert read_latest(tmp_path / "tr" / "checkpoints") == "step_0000004"
