@@ -479,6 +479,7 @@ class Trainer:
             return None
         return reconstruction_grid(self.model, self.route(batch), generator, decoder, n=n, seed=self.cfg.run.seed)
 
+    @torch.no_grad()  # validation keeps no autograd graph (it held one per val batch until the loss)
     def embed(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
         """Retrieval-submodule outputs and targets for every batch of ``loader`` (float32, CPU).
 
