@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the sweep YAML")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train gives a trial's workers 60 s to start; three trials' ranks starting together on an
+    # oversubscribed CPU host took longer (a trial failed with WorkerGroupStartupTimeoutError and
+    # the sweep stalled). The local Ray inherits this; a joined cluster keeps its own setting.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables; we print one line per event
     if not args.address:
         # Before Ray is imported (it reads this once): the local Ray this command starts runs in
