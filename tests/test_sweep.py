@@ -191,3 +191,21 @@ def test_tuning_mode_writes_a_config_that_trains(tmp_path):
     assert best.model.hidden_dim in (16, 32) and best.train.max_steps == 12
     assert best.optim.max_lr == pytest.approx(report["best"]["values"]["lr"])
     assert "started a local Ray on 127.0.0.1" in proc.stderr
+
+
+def test_a_trial_row_the_sweep_writes_is_what_the_report_reads(tmp_path):
+    """The contract between runner (results.jsonl) and report (load_results), on a row built by the runner."""
+    from mindeye_dist.scaling.results import load_results
+    from mindeye_dist.sweep.plan import TrialSpec
+    from mindeye_dist.sweep.runner import _result_row
+
+    spec = TrialSpec(trial_id="h32-d5400-s0-lr0.003", role="final", size="h32", data_size=5400, seed=0, lr=0.003,
+                     steps=235, samples=60160, flops=1.2e12, params=202208,
+                     overrides=["model.hidden_dim=32", "optim.max_lr=0.003"])
+    row = _result_row(spec, {"samples_seen": 60160, "step": 235, "val_loss": 3.69, "val_image_top1": 0.95,
+                             "val_brain_top1": 0.98, "way": 300}, "finished", ["127.0.0.1"], 420.0)
+    row.update(role="final", ridge_image_top1=0.61, ridge_brain_top1=0.84)
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    trial, = load_results(tmp_path).trials
+    assert trial.overrides == {"model.hidden_dim": "32", "optim.max_lr": "0.003"}
+    assert trial.params == 202208 and trial.val_loss == 3.69 and trial.samples_seen == 60160

@@ -171,14 +171,17 @@ def _parse_row(row: dict, path: Path, line: int) -> Trial | SearchRow:
                          data_size=_optional_number(row, "data_size", where),
                          samples_seen=_optional_number(row, "samples_seen", where),
                          rung=_optional_number(row, "rung", where), status=status, line=line)
-    if not isinstance(row["overrides"], dict):
+    overrides = row["overrides"]
+    if isinstance(overrides, list) and all(isinstance(o, str) and "=" in o for o in overrides):
+        overrides = dict(o.split("=", 1) for o in overrides)  # ["key=value", ...], as sweeps before 2026-11-30 wrote
+    if not isinstance(overrides, dict):
         raise ResultsError(f"{where}: field 'overrides' must be an object of key: value, got {row['overrides']!r}")
     numbers = {k: _check_number(row, k, where) for k in REQUIRED_FINAL if k not in ("trial_id", "overrides")}
     way = _optional_number(row, "way", where)
     seed = row.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ResultsError(f"{where}: field 'seed' must be an integer, got {seed!r}")
-    return Trial(trial_id=str(trial_id), overrides=dict(row["overrides"]), **numbers,
+    return Trial(trial_id=str(trial_id), overrides=dict(overrides), **numbers,
                  ridge_image_top1=_optional_number(row, "ridge_image_top1", where),
                  ridge_brain_top1=_optional_number(row, "ridge_brain_top1", where),
                  status=status, seed=seed, way=None if way is None else int(way), line=line)

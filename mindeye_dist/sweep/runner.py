@@ -112,7 +112,7 @@ def _result_row(spec: TrialSpec, metrics: dict, status: str, nodes: list, wall_s
             "samples_seen": samples, "flops": spec.flops * samples / spec.samples if spec.samples else 0.0,
             "val_loss": metrics.get("val_loss"), "val_image_top1": metrics.get("val_image_top1"),
             "val_brain_top1": metrics.get("val_brain_top1"), "way": metrics.get("way"), "wall_s": wall_s,
-            "nodes": nodes, "overrides": list(spec.overrides)}
+            "nodes": nodes, "overrides": dict(o.split("=", 1) for o in spec.overrides)}  # report.py's contract
 
 
 # ---------------------------------------------------------------------------------------------
