@@ -55,7 +55,11 @@ def _draw_fit(ax, entry: dict, exponent: str, color: str = "C0") -> None:
         ex = entry["extrapolation"]
         ax.plot(c["x"], c["holdout_fit"], color="0.35", lw=1.2, ls="--",
                 label=f"fit without largest ({100 * ex['rel_error']:+.1f}% there)")
-    ax.axhline(entry["E"], color="0.5", lw=0.8, ls=":", label=f"E = {entry['E']:.3g}")
+    lowest = min(p["observed"] for p in pts)
+    if entry["E"] >= lowest / 10:  # an asymptote far below the data would squash the data into a line
+        ax.axhline(entry["E"], color="0.5", lw=0.8, ls=":", label=f"E = {entry['E']:.3g}")
+    else:
+        ax.plot([], [], " ", label=f"E = {entry['E']:.3g} (below the axis)")
 
 
 def _plain_log_labels(axis) -> None:
