@@ -89,7 +89,8 @@ _SMALL = dict(
     arch="mindeye2", backbone_blocks="working", norm="layernorm", activation="gelu", dropout=0.15,
     input_dropout=0.0, output_tiles=1, activation_checkpointing=False,
     prior=True, prior_ff_mult=4, prior_dropout=0.0, prior_timesteps=100, prior_cond_drop_prob=0.2,
-    prior_target_scale=1.0, lowlevel="auto", lowlevel_from="backbone", lowlevel_hidden_dim=256,
+    # None: DALLE2's default, sqrt(token_dim), filled in once the data gives token_dim (resolve.py)
+    prior_target_scale=None, lowlevel="auto", lowlevel_from="backbone", lowlevel_hidden_dim=256,
     lowlevel_n_blocks=0, lowlevel_map_channels=64, lowlevel_dropout=0.3,
 )
 
