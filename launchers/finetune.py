@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
-from mindeye_dist.config import ConfigError, load_config  # noqa: E402
+from mindeye_dist.config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,23 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
     overrides = [*args.overrides, f"data.url={args.data}"] + ([f"run.ds_config={args.ds_config}"] if args.ds_config else [])
-    from mindeye_dist.checkpoint import CheckpointError
-    from mindeye_dist.data.errors import DataError
-    from mindeye_dist.ds_config import DSConfigError
     from mindeye_dist.finetune import finetune_config
-    from mindeye_dist.train import run
-    from mindeye_dist.trainer import TrainingAborted
+    from mindeye_dist.train import answer_errors, run
 
-    try:
-        config = Path(args.config)
-        if not config.is_file() and (Path(__file__).resolve().parents[1] / config).is_file():
-            config = Path(__file__).resolve().parents[1] / config
-        cfg = finetune_config(load_config(config, overrides), args.source, args.subject)
-        run(cfg)
-    except (ConfigError, DSConfigError, DataError, TrainingAborted, CheckpointError) as err:
-        print(f"[rank {os.environ.get('RANK', '0')}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    config = Path(args.config)
+    if not config.is_file() and (Path(__file__).resolve().parents[1] / config).is_file():
+        config = Path(__file__).resolve().parents[1] / config
+    return answer_errors(lambda: run(finetune_config(load_config(config, overrides), args.source, args.subject)))
 
 
 if __name__ == "__main__":

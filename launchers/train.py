@@ -59,21 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from mindeye_dist.checkpoint import CheckpointError
-    from mindeye_dist.data.errors import DataError
-    from mindeye_dist.ds_config import DSConfigError
-    from mindeye_dist.train import run
-    from mindeye_dist.trainer import TrainingAborted
+    from mindeye_dist.train import answer_errors, run
 
-    try:
-        run(cfg)
-    except (ConfigError, DSConfigError, DataError, TrainingAborted, CheckpointError) as err:
-        # An answer, not a traceback: these name the cause and the fix. Every rank that hits one
-        # says so (the launcher interleaves their stderr), prefixed with its rank.
-        rank = os.environ.get("RANK", "0")
-        print(f"[rank {rank}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return answer_errors(lambda: run(cfg))
 
 
 if __name__ == "__main__":

@@ -145,6 +145,24 @@ class _Selection:
         return self.patience > 0 and self.state.best_val.get("stale", 0) >= self.patience
 
 
+def answer_errors(work: Callable[[], Any]) -> int:
+    """Run ``work()`` for a launcher: 0, or 1 after one line naming a user-facing error (config, DeepSpeed
+    JSON, data, checkpoint, aborted training). An answer, not a traceback: these name the cause and the
+    fix. Every rank that hits one says so (the launcher interleaves their stderr), prefixed with its rank."""
+    import os
+
+    from mindeye_dist.data.errors import DataError
+    from mindeye_dist.ds_config import DSConfigError
+    from mindeye_dist.trainer import TrainingAborted
+
+    try:
+        work()
+    except (ConfigError, DSConfigError, DataError, TrainingAborted, ckpt.CheckpointError) as err:
+        print(f"[rank {os.environ.get('RANK', '0')}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str, Any]:
     """Train ``cfg`` to ``train.max_steps`` (resuming from ``run.dir`` if it has a checkpoint).
 
