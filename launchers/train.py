@@ -23,6 +23,11 @@ batch scripts that build it are in ``cluster/slurm/``)::
     srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 \
         launchers/train.py --ds_config ds_configs/zero2.json --config ...
 
+Without ``--config`` the run uses ``launchers/configs/default.yaml``, the recipe for a new dataset
+(``recipe: auto``: width, batch and schedule derived from ``data.url``'s meta.json)::
+
+    deepspeed --num_accelerators 2 launchers/train.py data.url=/data/mylab/subj01 run.dir=runs/subj01
+
 Running the same command again with the same ``run.dir`` resumes from ``checkpoints/latest``.
 Dotted ``key=value`` arguments override the YAML (``model.hidden_dim=512 train.max_steps=200``).
 """
@@ -46,7 +51,9 @@ from mindeye_dist.config import ConfigError, load_config  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="experiment YAML (defaults apply where omitted)")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs" / "default.yaml"),
+                        help="experiment YAML (default: launchers/configs/default.yaml, the recipe for a new "
+                             "dataset, derived from data.url's meta.json)")
     parser.add_argument("--ds_config", "--ds-config", dest="ds_config", help="DeepSpeed JSON (ZeRO stage, offload, communication)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # appended by deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=200")

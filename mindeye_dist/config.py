@@ -300,6 +300,10 @@ class ExperimentConfig:
     """Retrieval evaluation protocol."""
     log: LogConfig = field(default_factory=LogConfig)
     """Loggers."""
+    recipe: Literal["none", "auto"] = "none"
+    """``auto``: settings derived from the dataset's meta.json (width, batch, schedule, validation
+    cadence; mindeye_dist/recipe.py) fill in whatever the YAML and the overrides leave unset.
+    launchers/configs/default.yaml sets it; ``none`` takes the dataclass defaults."""
 
     def __post_init__(self) -> None:
         needs_eval = self.checkpoint.select == "best" or self.train.early_stop_patience > 0
@@ -522,10 +526,18 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Defaults < YAML at ``path`` < ``overrides``; returns a validated ExperimentConfig."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> ExperimentConfig:
+    """Defaults < the recipe (``recipe: auto``) < YAML at ``path`` < ``overrides``; a validated ExperimentConfig.
+
+    ``world_size``: ranks the run will have, for the recipe's per-rank batch (default: the
+    launcher's ``WORLD_SIZE``, else 1)."""
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, list(overrides or []))
+    if data.get("recipe") == "auto":
+        from mindeye_dist import recipe
+
+        data = recipe.apply(data, world_size)
     return from_dict(ExperimentConfig, data)
 
 
