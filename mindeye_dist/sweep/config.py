@@ -50,8 +50,8 @@ class DataSpec:
     url: str = ""
     """Dataset every trial reads (local path or s3://); empty = build ``synthetic`` into SWEEP_DIR/data."""
     synthetic: dict = field(default_factory=dict)
-    """``{preset: NAME, seed: N}`` (plus SyntheticSpec field overrides) for the dataset built when
-    ``url`` is empty."""
+    """``{preset: NAME, seed: N}`` or ``{member: FAMILY_MEMBER}`` (plus SyntheticSpec field overrides)
+    for the dataset built when ``url`` is empty."""
     s3_endpoint: str = ""
     """S3 endpoint for ``url`` (empty: AWS_ENDPOINT_URL or AWS)."""
 

@@ -350,10 +350,17 @@ def ensure_data(sweep: SweepConfig, sweep_dir: Path, events: _Events) -> str:
     from mindeye_dist.errors import ConfigError
 
     spec = dict(sweep.data.synthetic)
-    if "preset" not in spec:
-        raise ConfigError("data.url is empty and data.synthetic has no preset: name a dataset or a synthetic preset")
+    if "preset" not in spec and "member" not in spec:
+        raise ConfigError("data.url is empty and data.synthetic has neither a preset nor a member: name a dataset, "
+                          "a synthetic preset or a family member (prepare_data.py synthetic --list-members)")
     url = str((sweep_dir / "data").resolve())
-    if not (Path(url) / META_NAME).is_file():
+    if "member" in spec and not (Path(url) / META_NAME).is_file():
+        from mindeye_dist.data.family import build_family_dataset
+
+        member = spec.pop("member")
+        events(f"building synthetic family member {member!r}{' ' + str(spec) if spec else ''} at {url}")
+        build_family_dataset(member, url, progress=False, overwrite=True, **spec)
+    elif not (Path(url) / META_NAME).is_file():
         preset, seed = spec.pop("preset"), int(spec.pop("seed", 0))
         events(f"building synthetic dataset {preset!r} (seed {seed}{', ' + str(spec) if spec else ''}) at {url}")
         build_synthetic_dataset(preset, url, seed, progress=False, overwrite=True, **spec)
