@@ -6,6 +6,8 @@ Layout under ``RUN_DIR/checkpoints/``::
         train_state_rank00000.pt   TrainState + RNG states of that rank
         train_state.json           human-readable copy of rank 0's TrainState
         COMPLETE                   written by rank 0 after every rank finished
+    step_0000100_universal/  DeepSpeed's universal format of step_0000100 (made once, when a run
+                             resumes it on another number of ranks; pruned with its original)
     latest                   the tag of the newest COMPLETE checkpoint, replaced atomically
     best                     (checkpoint.select=best) the tag of the best-on-validation checkpoint
 
@@ -21,6 +23,14 @@ a checkpoint whose pickle would construct anything but tensors, containers and t
 DeepSpeed records below is refused, not executed. A truncated or corrupt file, or a checkpoint of
 a different model, is a :class:`CheckpointError` / ConfigError naming the file or the setting and
 the way out.
+
+Changing the number of ranks (:func:`universal_for`): ZeRO 1-3 partition the optimizer state
+(and at stage 3 the weights) by rank, and DeepSpeed refuses to load a partitioned checkpoint on
+another data-parallel size. Its universal format (``deepspeed/checkpoint/ds_to_universal.py``:
+one file per parameter and optimizer moment) loads on any number of ranks with
+``checkpoint.load_universal``. Rank 0 converts once, into a temporary directory renamed into
+place, while the other ranks wait; the converted copy sits next to the original. ZeRO-0 in
+fp32 needs no conversion: its file holds the whole module and the client optimizer's state.
 """
 
 from __future__ import annotations
@@ -42,11 +52,12 @@ import numpy as np
 import torch
 
 from mindeye_dist.errors import ConfigError
-from mindeye_dist.fsutil import atomic_output, atomic_write_bytes
+from mindeye_dist.fsutil import atomic_output, atomic_write_bytes, fsync_dir
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 BEST = "best"
+UNIVERSAL_SUFFIX = "_universal"
 
 
 class CheckpointError(ValueError):
@@ -78,6 +89,9 @@ class TrainState:
     """Ranks that wrote the checkpoint."""
     best_val: dict = field(default_factory=dict)
     """Best validation metrics so far (never test)."""
+    data: list = field(default_factory=list)
+    """Per dataset: its :class:`mindeye_dist.data.reshard.DataPosition` as a dict (epoch, batch,
+    the layout it was read with and the closed legs of a resharded epoch)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,6 +131,20 @@ def set_rng_state(state: dict[str, Any], extra_generators: Optional[dict[str, to
     for name, gen in (extra_generators or {}).items():
         if name in state["generators"]:
             gen.set_state(state["generators"][name])
+
+
+def reseed_rng(seed: int, step: int, rank: int, world_size: int,
+               extra_generators: Optional[dict[str, torch.Generator]] = None) -> None:
+    """Fresh RNG streams for a run resumed on another number of ranks: rank r's saved streams
+    have no counterpart when the ranks change, so every stream is seeded from
+    (seed, step, rank, world size) instead. Deterministic (two resumes agree), not bit-exact."""
+    base = np.random.SeedSequence([seed, step, rank, world_size, 0x5E5EED])
+    torch_seed, numpy_seed, python_seed, *extra = base.generate_state(3 + len(extra_generators or {}), dtype=np.uint64)
+    torch.manual_seed(int(torch_seed))
+    np.random.seed(int(numpy_seed) % 2**32)
+    random.seed(int(python_seed))
+    for value, (_, gen) in zip(extra, sorted((extra_generators or {}).items())):
+        gen.manual_seed(int(value))
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -227,7 +255,8 @@ def commit(ckpt_dir: Path, tag: str, keep_last: int, best: bool = False) -> list
     if best_file.is_file():
         keep.add(best_file.read_text().strip())
     for path in sorted(ckpt_dir.glob("step_*")):
-        if path.name not in keep and path.name < tag:
+        base = path.name.removesuffix(UNIVERSAL_SUFFIX)  # a universal copy goes with its original
+        if base not in keep and base < tag:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed
@@ -252,8 +281,8 @@ def read_rank_state(ckpt_dir: Path, tag: str, rank: int) -> tuple[TrainState, di
     if not path.is_file():
         saved = sorted((Path(ckpt_dir) / tag).glob("train_state_rank*.pt"))
         raise RuntimeError(
-            f"checkpoint {tag} has no train state for rank {rank} ({len(saved)} ranks saved it). "
-            f"Resume with the same number of ranks it was written with."
+            f"checkpoint {tag} has no train state for rank {rank} ({len(saved)} ranks saved it): its files are "
+            f"incomplete. Point {Path(ckpt_dir) / LATEST} at an earlier complete checkpoint to resume from it."
         )
     # Every rank checks every file of the tag (central directories only: cheap), so a truncated
     # shard of one rank stops all ranks with the same message instead of one rank.
@@ -556,6 +585,90 @@ def _dims_of(url: str, s3_endpoint: str) -> Optional[dict[str, Any]]:
         return data_dims(read_meta(url, s3_endpoint=s3_endpoint or None))
     except Exception:  # gone or unreachable: the parameter shapes still tell
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# Another number of ranks: DeepSpeed's universal checkpoint
+
+
+def universal_tag(tag: str) -> str:
+    return tag + UNIVERSAL_SUFFIX
+
+
+def optimizer_partitioned(tag_dir: Path) -> bool:
+    """True when the checkpoint's optimizer state is split by rank (ZeRO 1-3, and bf16 at ZeRO-0,
+    whose BF16_Optimizer partitions it too); False for fp32 ZeRO-0 (one whole file)."""
+    return any(Path(tag_dir).glob("*optim_states.pt"))
+
+
+_CONVERT = """
+import runpy, sys
+from mindeye_dist.checkpoint import weights_only_loading
+sys.argv = ["ds_to_universal", *sys.argv[1:]]
+with weights_only_loading():
+    runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+"""
+"""DeepSpeed's converter, run with weights-only loading forced (see :func:`universal_for`)."""
+
+
+def universal_for(ckpt_dir: Path, tag: str, workers: int = 0, log=None) -> str:
+    """The tag of ``tag``'s universal copy, converting it first if it does not exist (rank 0 only;
+    the caller makes the other ranks wait). The conversion runs DeepSpeed's own converter in a
+    child process (its memory is freed when it ends; it prints to a log instead of our stdout)
+    into a temporary directory that is renamed into place only when complete."""
+    import subprocess
+    import sys
+
+    ckpt_dir = Path(ckpt_dir)
+    out = ckpt_dir / universal_tag(tag)
+    if (out / "zero" / "optimizer_state.pt").is_file():
+        return out.name
+    for stale in ckpt_dir.glob(".universal_tmp*"):  # a conversion killed half-way
+        shutil.rmtree(stale, ignore_errors=True)
+    workers = workers or min(4, os.cpu_count() or 1)
+    # The converter writes a `latest_universal` pointer next to its output folder: converting into
+    # a scratch parent keeps that pointer (which would name the temporary folder) out of ckpt_dir.
+    scratch = ckpt_dir / f".universal_tmp{os.getpid()}"
+    args = ["--input_folder", str(ckpt_dir / tag), "--output_folder", str(scratch / out.name), "--inject_missing_state",
+            "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2))]
+    if log is not None:
+        log.info("converting %s to DeepSpeed's universal format (python -m deepspeed.checkpoint.ds_to_universal %s; "
+                 "weights-only loads)", tag, " ".join(args))
+    # The converter calls torch.load(weights_only=False); it runs under weights_only_loading() like
+    # every other load of a checkpoint (its worker processes are forked and inherit that).
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
+        raise ConfigError(f"DeepSpeed could not convert checkpoint {ckpt_dir / tag} to its universal format, which a "
+                          f"resume on another number of ranks needs:\n{tail}\nResume with the number of ranks that "
+                          "wrote it (checkpoints/<tag>/train_state.json: world_size)")
+    os.replace(scratch / out.name, out)
+    fsync_dir(ckpt_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out.name
+
+
+def convert_run_checkpoint(run_dir: Path, tag: Optional[str] = None, workers: int = 0) -> str:
+    """launchers/reshard.py: make ``tag``'s (default: latest's) universal copy in ``run_dir``;
+    returns a line saying what was done."""
+    import logging
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = tag or read_latest(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir} (no 'latest' file)")
+    if not (ckpt_dir / tag / COMPLETE).is_file():
+        raise FileNotFoundError(f"{ckpt_dir / tag} is not a complete checkpoint; complete ones: "
+                                f"{', '.join(complete_tags(ckpt_dir)) or 'none'}")
+    if not optimizer_partitioned(ckpt_dir / tag):
+        return f"{ckpt_dir / tag}: fp32 ZeRO-0, loads on any number of ranks as it is (nothing to convert)"
+    existed = (ckpt_dir / universal_tag(tag) / "zero" / "optimizer_state.pt").is_file()
+    out = universal_for(ckpt_dir, tag, workers, log=logging.getLogger("mindeye_dist.reshard"))
+    return f"{ckpt_dir / out}: {'already there' if existed else 'written'}; resume with any number of ranks"
 
 
 # --------------------------------------------------------------------------------------------

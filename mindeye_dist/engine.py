@@ -252,10 +252,21 @@ class DeepSpeedEngine:
     def save(self, ckpt_dir: Path, tag: str) -> None:
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={}, save_latest=False)
 
-    def load(self, ckpt_dir: Path, tag: str) -> None:
-        from mindeye_dist.checkpoint import safe_deepspeed_load  # weights-only; names a damaged file
+    def load(self, ckpt_dir: Path, tag: str, universal: bool = False) -> None:
+        """Weights and optimizer state of ``tag``, read weights-only (a damaged file is named);
+        ``universal``: ``tag`` is DeepSpeed's universal format (any number of ranks; see
+        checkpoint.universal_for)."""
+        from mindeye_dist.checkpoint import safe_deepspeed_load
 
-        path, _ = safe_deepspeed_load(self.engine, ckpt_dir, tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        config = self.engine._config
+        # DeepSpeed reads `checkpoint.load_universal` only inside load_checkpoint, so it is switched
+        # on for this call alone rather than in the JSON (later saves stay ordinary checkpoints).
+        before, config.load_universal_checkpoint = config.load_universal_checkpoint, universal
+        try:
+            path, _ = safe_deepspeed_load(self.engine, ckpt_dir, tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = before
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
 

@@ -7,6 +7,13 @@ code; a plain ``python`` process runs as a world of one. The step itself is
 loop around it: data, logging, validation, best-checkpoint selection, early stopping,
 checkpoints, resume, the reporter (Ray Tune), and failing fast.
 
+Preemption: SIGTERM (SLURM, Kubernetes, spot instances, the launchers forwarding it) makes every
+rank finish its current step (and the validation due at it), agree on that step
+(:mod:`mindeye_dist.preemption`: one all-reduced flag per step), write a checkpoint and return
+normally, so the process exits 0; the same command resumes. On another number of ranks the run
+resumes from DeepSpeed's universal copy of the checkpoint and reshards the rest of the epoch
+(:mod:`mindeye_dist.data.reshard`).
+
 Failing fast: an exception on any rank ends that rank at once without waiting for its peers (the
 launcher then stops them); a rank whose peers stop answering for ``MINDEYE_DIST_TIMEOUT_S``
 seconds ends itself (:class:`mindeye_dist.distributed.StallWatchdog`). Fault injection for the
@@ -18,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,6 +45,8 @@ SHOWN = ("loss/total", "loss/contrastive", "loss/prior", "loss/lowlevel", "lr", 
          "perf/data_wait_share", "perf/flops_per_s", "skipped_steps")
 """Metrics on the one-line progress print; everything goes to metrics.jsonl and TensorBoard."""
 LOWER_IS_BETTER = ("val/loss",)
+SAMPLE_LOG_ENV = "MINDEYE_SAMPLE_LOG"
+"""Set (to anything) to write every micro-batch's sample ids to RUN_DIR/logs/samples_rank{R}.jsonl."""
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -93,25 +103,50 @@ def _datasets(cfg: ExperimentConfig) -> tuple[list, tuple[str, ...]]:
     return metas, tuple(skip)
 
 
+def _data_positions(cfg: ExperimentConfig, state: ckpt.TrainState, n_datasets: int, world_size: int,
+                    saved_world: int, micro: int) -> list:
+    """Each dataset's position to resume from, continued under this run's layout: unchanged on the
+    same ranks, workers and micro-batch (bit-exact); else the epoch's stretch so far is closed and
+    the rest of it is resharded (data/reshard.py)."""
+    from mindeye_dist.data.reshard import DataPosition, Layout
+
+    layout = Layout(world_size, cfg.data.num_workers, micro, cfg.data.shuffle_buffer)
+    if state.data:
+        saved = [DataPosition.from_dict(d) for d in state.data]
+    else:  # a checkpoint from before positions recorded their layout: it was read like this run reads
+        old = Layout(saved_world, cfg.data.num_workers, micro, cfg.data.shuffle_buffer)
+        pairs = state.positions or [(state.epoch, state.batch_in_epoch)] * (1 if n_datasets == 1 else 0)
+        saved = [DataPosition(int(e), int(b), old, (), cfg.run.seed) for e, b in pairs] or \
+            [DataPosition(0, 0, layout, (), cfg.run.seed)] * n_datasets
+    if len(saved) != n_datasets:
+        raise ConfigError(f"the checkpoint was written by a run over {len(saved)} datasets; this run names "
+                          f"{n_datasets} (data.url + data.datasets must stay the same to resume)")
+    return [p.resumed_under(layout, cfg.run.seed) for p in saved]
+
+
 def _train_loader(cfg: ExperimentConfig, metas: list, skip_shards: tuple, rank: int, world_size: int,
-                  state: ckpt.TrainState):
+                  state: ckpt.TrainState, saved_world: int):
     """One exact, resumable stream; several subjects: an equal share of each in every micro-batch."""
     from mindeye_dist.data import build_train_loader
     from mindeye_dist.data.multi import MultiSubjectLoader, per_subject_batch
+    from mindeye_dist.data.reshard import describe
 
-    def build(meta, micro: int, position) -> Any:
-        return build_train_loader(cfg.data, micro_batch_size=micro, seed=cfg.run.seed, rank=rank, world_size=world_size,
-                                  start_epoch=position[0], start_batch=position[1], meta=meta, skip_shards=skip_shards)
-
-    if len(metas) == 1:
-        return build(metas[0], cfg.train.micro_batch_size, (state.epoch, state.batch_in_epoch))
-    micro = per_subject_batch(cfg.train.micro_batch_size, len(metas))
-    positions = state.positions or [(0, 0)] * len(metas)
-    if len(positions) != len(metas):
-        raise ConfigError(f"the checkpoint was written by a run over {len(positions)} datasets; this run names "
-                          f"{len(metas)} (data.url + data.datasets must stay the same to resume)")
-    return MultiSubjectLoader([build(m, micro, p) for m, p in zip(metas, positions)],
-                              width=max(m.n_voxels for m in metas))
+    micro = cfg.train.micro_batch_size if len(metas) == 1 else per_subject_batch(cfg.train.micro_batch_size, len(metas))
+    positions = _data_positions(cfg, state, len(metas), world_size, saved_world, micro)
+    loaders = []
+    for meta, pos in zip(metas, positions):
+        loader = build_train_loader(cfg.data, micro_batch_size=micro, seed=cfg.run.seed, rank=rank, world_size=world_size,
+                                    start_epoch=pos.epoch, start_batch=pos.batch, meta=meta, skip_shards=skip_shards,
+                                    legs=pos.legs)
+        if pos.legs and rank == 0:
+            plan = loader.epoch_plan(pos.epoch)
+            log.info("%s: the rest of epoch %d (read so far by %s) is resharded: %d batch(es) per rank%s", meta.url,
+                     pos.epoch, describe(pos.legs), plan.n_batches,
+                     f", {plan.dropped} sample(s) that do not split evenly left out" if plan.dropped else "")
+        loaders.append(loader)
+    if len(loaders) == 1:
+        return loaders[0]
+    return MultiSubjectLoader(loaders, width=max(m.n_voxels for m in metas))
 
 
 def _improved(metric: str, value: float, best: Optional[float]) -> bool:
@@ -169,13 +204,16 @@ def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str,
     ``reporter`` (Ray Tune) is called with the logged metrics on every log and validation step.
     Returns the final metrics on every rank (with ``best/*`` when validation ran).
     """
+    from mindeye_dist.preemption import Preemption
+
     if not cfg.data.url:
         raise ConfigError("data.url is empty: point it at a dataset written by launchers/prepare_data.py (local path or s3://)")
+    preemption = Preemption().install()  # first: a SIGTERM during setup still ends in a clean exit
     rank, world_size, device = init_distributed()
     failed = True
     watchdog = StallWatchdog(dist_timeout_s(), rank) if world_size > 1 else None
     try:
-        result = _run(cfg, reporter, rank, world_size, device, watchdog)
+        result = _run(cfg, reporter, rank, world_size, device, watchdog, preemption)
         failed = False
         return result
     except BaseException as err:
@@ -185,10 +223,11 @@ def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str,
         if watchdog is not None:
             watchdog.close()
         teardown_distributed(failed=failed)
+        preemption.restore()
 
 
 def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_size: int, device: torch.device,
-         watchdog: Optional[StallWatchdog]) -> dict[str, Any]:
+         watchdog: Optional[StallWatchdog], preemption) -> dict[str, Any]:
     from mindeye_dist import hostmem
     from mindeye_dist.ds_config import load_ds_config, resolve_ds_config, write_ds_config
     from mindeye_dist.faults import faults_from_env
@@ -224,6 +263,12 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
         resume_rng = trainer.load(ckpt_dir, tag)
         state = trainer.state
         log.info("resumed from %s (step %d, epoch %d, batch %d)", tag, state.step, state.epoch, state.batch_in_epoch)
+        if trainer.resumed_from_world != world_size and rank == 0:
+            log.warning("the checkpoint was written by %d rank(s), this run has %d: the global batch is now %d samples "
+                        "(train.micro_batch_size x train.grad_accum_steps x ranks; scale train.grad_accum_steps to keep "
+                        "it); resume is exact in weights, optimizer and data position, not bit-exact",
+                        trainer.resumed_from_world, world_size,
+                        cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size)
         best_tag = state.best_val.get("tag")
         if rank == 0 and best_tag and ckpt.read_best(ckpt_dir) != best_tag and (ckpt_dir / best_tag / ckpt.COMPLETE).is_file():
             ckpt.mark_best(ckpt_dir, best_tag)  # a kill between writing latest and best
@@ -232,8 +277,16 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
         # Steps after the checkpoint were logged by the run that died; they are about to be redone.
         truncate_jsonl(run_dir / "metrics.jsonl", state.step)
 
-    loader = _train_loader(cfg, metas, skip_shards, rank, world_size, state)
+    loader = _train_loader(cfg, metas, skip_shards, rank, world_size, state, trainer.resumed_from_world or world_size)
     trainer.attach_loader(loader)
+    if os.environ.get(SAMPLE_LOG_ENV):
+        trainer.sample_log = SampleLog(run_dir / "logs", rank, world_size, state.step)
+    if trainer.resumed_from_world not in (None, world_size) and cfg.train.eval_every_steps:
+        # Proof that the conversion kept the model: the same weights give the same validation loss
+        # on any number of ranks (what the run that wrote the checkpoint logged at this step).
+        val = trainer.validate(metas)
+        if val and rank == 0:
+            log.info("restored model on %d rank(s) at step %d: val/loss %.6f", world_size, state.step, val["val/loss"])
     trainer.meter.flops_per_sample = _flops_per_sample(cfg, dims)
     trainer.meter.peak_flops = device_peak_flops(device, trainer.engine.dtype) if device.type == "cuda" else None
     loggers = build_loggers(run_dir, rank=rank, tensorboard=cfg.log.tensorboard, jsonl=cfg.log.jsonl,
@@ -257,8 +310,13 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
     trainer.meter.start()
     last: dict[str, Any] = {}
     stopped_early = selection.should_stop()  # a resumed run that had already stopped early
+    saved_step = state.step if tag is not None else None
+    preempted = False
     while state.step < total_steps and not stopped_early:
         beat()
+        if preemption.agreed():  # once per step, every rank: all stop after the same step
+            preempted = True
+            break
         result = trainer.step()
         bar.update(1)
         step = result.step
@@ -290,9 +348,15 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
         if periodic or is_last or stopped_early or (is_best and cfg.checkpoint.select == "best"):
             with trainer.meter.excluded():
                 trainer.save(ckpt_dir, cfg.checkpoint.keep_last, best=is_best and cfg.checkpoint.select == "best")
+            saved_step = step
             beat()
+    if preempted:
+        _checkpoint_on_preemption(trainer, ckpt_dir, cfg, saved_step, preemption)
+        last["preempted"] = 1
     bar.close()
     loggers.close()
+    if trainer.sample_log is not None:
+        trainer.sample_log.close()
     if state.best_val:
         last.update({f"best/{k}": v for k, v in state.best_val.items() if isinstance(v, (int, float))})
     counts = loader.skipped.counts(across_ranks=True, device=device)
@@ -304,6 +368,55 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
             if stopped_early else ""
         best = f", best {state.best_val['metric']} {state.best_val['value']:.4f} at step {state.best_val['step']}" \
             if state.best_val.get("metric") else ""
-        log.info("done: %d steps, %d skipped%s%s%s, run dir %s", state.step, state.skipped_steps, skipped, early, best,
-                 run_dir)
+        stop = (f", stopped by SIGTERM (checkpoint {ckpt.tag_for(state.step)}; the same command resumes)"
+                if preempted else "")
+        log.info("done: %d steps, %d skipped%s%s%s%s, run dir %s", state.step, state.skipped_steps, skipped, early, best,
+                 stop, run_dir)
     return last
+
+
+def _checkpoint_on_preemption(trainer: Trainer, ckpt_dir: Path, cfg: ExperimentConfig, saved_step: Optional[int],
+                              preemption) -> None:
+    """Checkpoint the step the ranks agreed to stop after (unless it already is), then say how long it took."""
+    step = trainer.state.step
+    if step and saved_step != step:
+        trainer.save(ckpt_dir, cfg.checkpoint.keep_last)
+        what = f"checkpoint {ckpt.tag_for(step)} written"
+    else:
+        what = f"checkpoint {ckpt.tag_for(step)} already on disk" if step else "no step trained, nothing to save"
+    since = preemption.seconds_since()
+    log.warning("SIGTERM: stopped after step %d, %s%s; exiting 0", step, what,
+                f", {since:.1f} s after the signal reached this rank" if since is not None else " (a peer got the signal)")
+
+
+class SampleLog:
+    """The sample ids of every micro-batch a rank draws, one JSON line each, in
+    ``RUN_DIR/logs/samples_rank{R}.jsonl``: ``step``, ``rank``, ``ids`` (``Batch.index``, rows of
+    each dataset's split), ``subjects`` (the dataset subject of each id) and ``epochs`` (each
+    dataset's epoch before the draw). What exactly-once tests and data audits read; lines of
+    steps a resumed run redoes are dropped when it resumes (as metrics.jsonl's are)."""
+
+    def __init__(self, logs: Path, rank: int, world_size: int, resume_step: int = 0):
+        from mindeye_dist.metrics import truncate_jsonl
+
+        logs.mkdir(parents=True, exist_ok=True)
+        # Steps after the checkpoint are redone: drop them from this rank's file and from those of
+        # ranks this run no longer has (rank r also takes ranks r + W, r + 2W, ... of a larger
+        # earlier run), so each file is truncated by exactly one rank.
+        for path in logs.glob("samples_rank*.jsonl"):
+            old = int(path.stem.removeprefix("samples_rank"))
+            if old != rank and old >= world_size and old % world_size == rank:
+                truncate_jsonl(path, resume_step)
+        path = logs / f"samples_rank{rank}.jsonl"
+        truncate_jsonl(path, resume_step)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def record(self, step: int, rank: int, batch, epochs) -> None:
+        import json
+
+        self._file.write(json.dumps({"step": step, "rank": rank, "ids": batch.index.tolist(),
+                                     "subjects": batch.subject.tolist(), "epochs": epochs}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -368,11 +368,19 @@ class Trainer:
         self.loader = loader
         self._batches = iter(loader)
 
+    resumed_from_world: Optional[int] = None
+    """After :meth:`load`: the number of ranks that wrote the checkpoint."""
+    sample_log: Optional[Any] = None
+    """When set, ``record(step, rank, batch, epochs)`` is called for every drawn micro-batch
+    (train.SampleLog, switched on by MINDEYE_SAMPLE_LOG)."""
+
     def _draw(self) -> Iterator:
         """Micro-batches from the attached loader, timed as data wait, moving the data position."""
         if self._batches is None:
             raise RuntimeError("Trainer.step() without batches needs attach_loader() first")
+        records = getattr(self.loader, "position_records", None)
         while True:
+            epochs = [r.epoch for r in records] if self.sample_log is not None and records is not None else None
             with self.meter.data_wait():
                 batch = next(self._batches)
             position = self.loader.position
@@ -380,6 +388,11 @@ class Trainer:
                 self.state.positions = [list(p) for p in position]
                 position = position[0]
             self.state.epoch, self.state.batch_in_epoch = position
+            if records is not None:
+                records = self.loader.position_records
+                self.state.data = [r.to_dict() for r in records]
+            if self.sample_log is not None:
+                self.sample_log.record(self.state.step + 1, self.rank, batch, epochs)
             yield batch
 
     def route(self, batch):
@@ -564,18 +577,59 @@ class Trainer:
     def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         """Restore weights, optimizer, LR schedule and train state from ``tag``; returns the RNG
         state to apply with :meth:`restore_rng` right before the first step (setup in between,
-        such as building the loader, may draw random numbers)."""
-        state, rng = ckpt.read_rank_state(ckpt_dir, tag, self.rank)
-        if state.world_size != self.world_size:
-            raise ConfigError(f"checkpoint {tag} was written by {state.world_size} ranks; this run has "
-                              f"{self.world_size}. Resume with the same number of ranks.")
+        such as building the loader, may draw random numbers). Collective.
+
+        On the number of ranks that wrote ``tag`` every rank reads its own files: bit-exact. On
+        another number, DeepSpeed's universal copy of ``tag`` is loaded (made by rank 0 the first
+        time, while the others wait; see checkpoint.universal_for), TrainState and the LR schedule
+        come from rank 0's file, and the RNG streams are reseeded (they cannot map across ranks)."""
+        state, rng = ckpt.read_rank_state(ckpt_dir, tag, 0)
         if state.total_steps != self.cfg.train.max_steps:
             raise ConfigError(f"train.max_steps={self.cfg.train.max_steps} but the run in {ckpt_dir.parent} was started "
                               f"with {state.total_steps}: the LR and loss schedules cannot be stretched. Use a new run.dir.")
-        self.engine.load(ckpt_dir, tag)
+        saved_world = state.world_size
+        if saved_world == self.world_size:
+            if self.rank:
+                state, rng = ckpt.read_rank_state(ckpt_dir, tag, self.rank)
+            self.engine.load(ckpt_dir, tag)
+        else:
+            load_tag = self._universal_copy(ckpt_dir, tag)
+            self.engine.load(ckpt_dir, load_tag, universal=load_tag != tag)
+            rng = {"scheduler": rng["scheduler"], "reseed": True}
+            log.info("resumed %s (written by %d rank(s)) on %d rank(s) from %s; RNG streams reseeded from (run.seed, "
+                     "step, rank, world size)", tag, saved_world, self.world_size, load_tag)
         self.engine.load_scheduler_state(rng.pop("scheduler"))
+        state.world_size = self.world_size
         self.state = state
+        self.resumed_from_world = saved_world
         return rng
 
+    def _universal_copy(self, ckpt_dir: Path, tag: str) -> str:
+        """The tag to load ``tag`` from on this number of ranks: itself for fp32 ZeRO-0 (one whole
+        file), else its universal copy, converted by rank 0 if missing. Every rank raises the same
+        ConfigError when DeepSpeed cannot convert it."""
+        if not ckpt.optimizer_partitioned(ckpt_dir / tag):
+            return tag
+        zero = self.ds_config.get("zero_optimization", {})
+        if "nvme" in (zero.get("offload_optimizer", {}).get("device"), zero.get("offload_param", {}).get("device")):
+            raise ConfigError(f"checkpoint {tag} was written by a different number of ranks with NVMe offload "
+                              "(ZeRO-Infinity): DeepSpeed 0.19.8 cannot convert NVMe-swapped optimizer state to its "
+                              "universal format. Resume with the number of ranks in its train_state.json (world_size)")
+        outcome: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                outcome[0] = ckpt.universal_for(ckpt_dir, tag, log=log)
+            except ConfigError as err:
+                outcome[0] = err
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(outcome, src=0)  # also the barrier: the copy exists for everyone
+        if isinstance(outcome[0], ConfigError):
+            raise outcome[0]
+        return outcome[0]
+
     def restore_rng(self, rng: dict[str, Any]) -> None:
-        ckpt.set_rng_state(rng, {"loss": self.loss_gen})
+        if rng.get("reseed"):
+            ckpt.reseed_rng(self.cfg.run.seed, self.state.step, self.rank, self.world_size, {"loss": self.loss_gen})
+        else:
+            ckpt.set_rng_state(rng, {"loss": self.loss_gen})
+

@@ -32,6 +32,11 @@ shards are few; webdataset #75, #225):
 6. **Resampled mode** (``data.resampled``): each worker draws whole shards with replacement
    from its own seeded stream until it has its quota; epochs are virtual but have the same
    batch count and are just as resumable.
+7. **Another layout** (a resume on another number of ranks, workers or micro-batch;
+   :mod:`mindeye_dist.data.reshard`): the samples the old ranks consumed in the interrupted
+   epoch are replayed from the plan above without reading anything, and the rest of that epoch
+   is split evenly over the new ranks (``legs``); the next epoch is planned as in 1-4. The
+   loader's ``position_record`` (epoch, batch, layout, closed legs) is what to checkpoint.
 
 A fresh DataLoader is made per epoch, so the epoch number reaches the workers with the dataset
 object (the role open_clip's SharedEpoch plays for persistent workers).
@@ -44,7 +49,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Collection, Iterator, Optional
+import signal
+from typing import Collection, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +61,7 @@ from mindeye_dist.data.batch import Batch
 from mindeye_dist.data.errors import DataError
 from mindeye_dist.data.integrity import SkipCounter
 from mindeye_dist.data.meta import DatasetMeta, read_meta
+from mindeye_dist.data.reshard import DataPosition, EpochPlan, Layout, Leg, plan_epoch, segments_for, shuffle_seed, worker_share
 from mindeye_dist.data.storage import set_process_s3_endpoint
 
 
@@ -98,7 +105,7 @@ class TrainLoader:
 
     def __init__(self, meta: DatasetMeta, data_cfg, micro_batch_size: int, seed: int, rank: int, world_size: int,
                  start_epoch: int = 0, start_batch: int = 0, split: Optional[str] = None, drop_last: bool = True,
-                 skip_shards: Collection[str] = ()) -> None:
+                 skip_shards: Collection[str] = (), legs: Sequence[Leg] = ()) -> None:
         if micro_batch_size < 1:
             raise DataError(f"micro_batch_size={micro_batch_size} must be >= 1")
         self.meta, self.cfg = meta, data_cfg
@@ -118,9 +125,16 @@ class TrainLoader:
         else:
             lo, hi = rank * n // w, (rank + 1) * n // w
             self.batches_per_epoch = -(-(hi - lo) // b)
-        if not 0 <= start_batch < max(self.batches_per_epoch, 1):
-            raise DataError(f"start_batch={start_batch} is outside the epoch (0..{self.batches_per_epoch - 1})")
+        self.layout = Layout(world_size, self.num_workers, micro_batch_size, data_cfg.shuffle_buffer)
+        """How this loader reads an epoch (what a resharded resume compares against)."""
+        if legs and not self.drop_last:
+            raise DataError("resharding the rest of an epoch needs drop_last=True (every rank in lock-step)")
+        self._legs = (start_epoch, tuple(legs))
+        self._plans: dict[int, EpochPlan] = {}
         self.position = (start_epoch, start_batch)
+        in_epoch = self.batches_in(start_epoch)
+        if not 0 <= start_batch < max(in_epoch, 1):
+            raise DataError(f"start_batch={start_batch} is outside the epoch (0..{in_epoch - 1})")
         self.mean, self.std = meta.voxel_stats()
         self.skip_shards = frozenset(skip_shards)
         self.skipped = SkipCounter(self.split, self.skip_shards)
@@ -133,6 +147,32 @@ class TrainLoader:
         return self.skipped.counts().shards
 
     # ------------------------------------------------------------------ planning
+    def legs_of(self, epoch: int) -> tuple[Leg, ...]:
+        """The closed legs of ``epoch`` read under other layouts (only the epoch resumed into)."""
+        first, legs = self._legs
+        return legs if epoch == first else ()
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """This rank's plan of a resharded ``epoch`` (data/reshard.py); cached, it replays the legs."""
+        if epoch not in self._plans:
+            self._plans[epoch] = plan_epoch(self.split.count, self.legs_of(epoch), self.layout, self.rank, self.seed, epoch)
+        return self._plans[epoch]
+
+    @property
+    def position_records(self) -> list[DataPosition]:
+        """``[position_record]`` (the same surface as a multi-subject loader's)."""
+        return [self.position_record]
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches every rank yields in ``epoch`` (``batches_per_epoch`` except in a resharded one)."""
+        return self.epoch_plan(epoch).n_batches if self.legs_of(epoch) else self.batches_per_epoch
+
+    @property
+    def position_record(self) -> DataPosition:
+        """The position as a checkpoint keeps it: epoch, batch, this layout and the closed legs."""
+        epoch, batch = self.position
+        return DataPosition(epoch, batch, self.layout, self.legs_of(epoch), self.seed)
+
     def _rank_range(self, epoch: int) -> tuple[list, int, int]:
         """(shards in the epoch order, first and end sample of this rank in that sequence)."""
         shards = self.split.shards
@@ -144,20 +184,48 @@ class TrainLoader:
             hi = lo + self.batches_per_epoch * self.batch_size
         return ordered, lo, hi
 
+    def _ordered_shards(self, epoch: int) -> tuple[list, list[str]]:
+        shards = self.split.shards
+        ordered = [shards[i] for i in P.shard_order(len(shards), self.seed, epoch, shuffle=True)]
+        return ordered, [self.meta.shard_url(s) for s in ordered]
+
+    def _resampled_segments(self, epoch: int, worker: int, need: int, leg: int) -> tuple:
+        """Whole shards drawn with replacement from this worker's seeded stream until ``need`` samples."""
+        parts = (self.seed, epoch, self.rank, worker, P.RESAMPLE) + ((leg,) if leg else ())
+        rng = np.random.default_rng(P.seed_for(*parts))
+        segs = []
+        while need > 0:
+            shard = self.split.shards[int(rng.integers(len(self.split.shards)))]
+            take = min(shard.count, need)
+            segs.append(P.Segment(self.meta.shard_url(shard), shard.name, 0, take, shard.count, self.meta.s3_endpoint,
+                                  shard.sha256))
+            need -= take
+        return tuple(segs)
+
+    def _resharded_plan(self, epoch: int, start_batch: int, worker: int, n_workers: int) -> P.WorkerPlan:
+        """One worker's share of the rest of an epoch resharded over this layout (data/reshard.py)."""
+        plan = self.epoch_plan(epoch)
+        if plan.rank is None:
+            return P.WorkerPlan((), 0, 0)
+        share = worker_share(plan.rank, n_workers, worker)
+        skip = min(len(share.sizes), P.skipped_local_batches(start_batch, n_workers, worker))
+        if self.cfg.resampled:
+            segs = self._resampled_segments(epoch, worker, int(sum(share.sizes)), plan.leg_index)
+            return P.WorkerPlan(segs, len(share.sizes), skip, share.sizes, None, plan.leg_index)
+        if not len(share.positions):
+            return P.WorkerPlan((), 0, 0, (), frozenset(), plan.leg_index)
+        ordered, urls = self._ordered_shards(epoch)
+        segs, wanted = segments_for(share.positions, ordered, urls, self.meta.s3_endpoint)
+        return P.WorkerPlan(tuple(segs), len(share.sizes), skip, share.sizes, wanted, plan.leg_index)
+
     def plan(self, epoch: int, start_batch: int, worker: int, n_workers: int) -> P.WorkerPlan:
         """The samples and batch count of one worker of this rank in ``epoch``."""
+        if self.legs_of(epoch):
+            return self._resharded_plan(epoch, start_batch, worker, n_workers)
         first, count = P.split_batches(self.batches_per_epoch, n_workers, worker)
         skip = min(count, P.skipped_local_batches(start_batch, n_workers, worker))
         if self.cfg.resampled:
-            rng = np.random.default_rng(P.seed_for(self.seed, epoch, self.rank, worker, P.RESAMPLE))
-            segs, need = [], count * self.batch_size
-            while need > 0:
-                shard = self.split.shards[int(rng.integers(len(self.split.shards)))]
-                take = min(shard.count, need)
-                segs.append(P.Segment(self.meta.shard_url(shard), shard.name, 0, take, shard.count, self.meta.s3_endpoint,
-                                      shard.sha256))
-                need -= take
-            return P.WorkerPlan(tuple(segs), count, skip)
+            return P.WorkerPlan(self._resampled_segments(epoch, worker, count * self.batch_size, 0), count, skip)
         ordered, lo, hi = self._rank_range(epoch)
         start = lo + first * self.batch_size
         end = min(hi, start + count * self.batch_size)
@@ -172,7 +240,8 @@ class TrainLoader:
             return iter(())
         b, cfg = self.batch_size, self.cfg
         quota = sum(s.take for s in plan.segments)
-        shuffle_rng = random.Random(P.seed_for(self.seed, epoch, self.rank, worker, P.SHUFFLE))
+        shuffle_rng = random.Random(shuffle_seed(self.seed, epoch, self.rank, worker, plan.leg))
+        sizes = plan.sizes or (b,) * plan.n_batches
         stages = [
             # 1. this worker's exact share of the epoch: (shard, skip, take) segments
             lambda: list(plan.segments),
@@ -181,25 +250,33 @@ class TrainLoader:
             lambda segs: P.read_segments(list(segs), self.split.fields, quota, cfg.on_corrupt, self.skipped, refill=True,
                                          shapes=self._shapes, preskipped=self.skip_shards),
         ]
+        if plan.wanted is not None:
+            # 2b. resharded epoch: keep only the samples of the rest of the epoch this worker owns
+            names = {seg.url: seg.name for seg in plan.segments}
+            stages.append(lambda src: (x for x in src if (names.get(x["__url__"]), x["__pos__"]) in plan.wanted))
         if cfg.shuffle_buffer > 1:
-            # 3. sample shuffle buffer seeded by (seed, epoch, rank, worker); filled before the first output
+            # 3. sample shuffle buffer seeded by (seed, epoch, rank, worker[, leg]); filled before the first output
             stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng))
         stages += [
             # 4. resume: drop samples of batches consumed before the interruption, before the image decode
-            wds.slice(plan.skip_batches * b, None),
+            wds.slice(int(sum(sizes[:plan.skip_batches])), None),
             # 5. decode png / json (arrays were decoded and checked in 2)
             P.decode(),
-            # 6. group into micro-batches (lists; the last one of a drop_last=False epoch may be short)
-            wds.batched(b, collation_fn=None, partial=True),
+            # 6. group into micro-batches (lists; the last one of a drop_last=False epoch may be short,
+            #    the last few of a resharded epoch may be smaller)
+            wds.batched(b, collation_fn=None, partial=True) if plan.sizes is None
+            else (lambda src: _batched_by(src, sizes[plan.skip_batches:])),
             # 7. z-score with train stats, reduce repetitions (data.train_reps), to a torch Batch
-            lambda src: self._collate_all(src, epoch, worker, n_workers, plan.skip_batches),
+            lambda src: self._collate_all(src, epoch, worker, n_workers, plan.skip_batches, plan.leg),
         ]
         return iter(wds.DataPipeline(*stages))
 
-    def _collate_all(self, batches, epoch: int, worker: int, n_workers: int, first_local: int) -> Iterator[Batch]:
+    def _collate_all(self, batches, epoch: int, worker: int, n_workers: int, first_local: int,
+                     leg: int = 0) -> Iterator[Batch]:
         for local, samples in enumerate(batches, start=first_local):
             out_index = local * n_workers + worker  # position of this batch in the rank's epoch stream
-            rng = np.random.default_rng(P.seed_for(self.seed, epoch, self.rank, out_index, P.REPS))
+            parts = (self.seed, epoch, self.rank, out_index, P.REPS) + ((leg,) if leg else ())
+            rng = np.random.default_rng(P.seed_for(*parts))
             step = epoch * self.batches_per_epoch + out_index
             yield P.collate(samples, self.mean, self.std, self.cfg.train_reps, rng, step)
 
@@ -214,18 +291,37 @@ class TrainLoader:
             _EpochStream(self, epoch, start_batch), batch_size=None, num_workers=k,
             prefetch_factor=self.cfg.prefetch_factor if k > 0 else None, persistent_workers=False,
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
+            worker_init_fn=_ignore_sigterm if k > 0 else None,
         )
         yield from dl
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, batch = self.position
         while True:
+            n = self.batches_in(epoch)
             for b in self.epoch_batches(epoch, batch):
                 batch += 1
-                self.position = (epoch + 1, 0) if batch >= self.batches_per_epoch else (epoch, batch)
+                self.position = (epoch + 1, 0) if batch >= n else (epoch, batch)
                 yield b
             epoch, batch = epoch + 1, 0
             self.position = (epoch, 0)
+
+
+def _batched_by(samples: Iterator[dict], sizes: Sequence[int]) -> Iterator[list]:
+    """Group ``samples`` into lists of the given sizes (a resharded epoch's tail batches are smaller)."""
+    it = iter(samples)
+    for size in sizes:
+        group = [x for _, x in zip(range(size), it)]
+        if group:
+            yield group
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: a launcher that signals the whole process tree
+    (deepspeed's launch.py, SLURM) would otherwise kill them under the rank, which then fails its
+    step instead of finishing it and checkpointing (train.py's preemption). They still exit with
+    the rank: torch ends them when the rank's loader is closed or the rank dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EvalLoader:
@@ -280,14 +376,17 @@ class EvalLoader:
 
 def build_train_loader(data_cfg, micro_batch_size: int, seed: int, rank: Optional[int] = None, world_size: Optional[int] = None,
                        start_epoch: int = 0, start_batch: int = 0, *, split: Optional[str] = None, drop_last: bool = True,
-                       meta: Optional[DatasetMeta] = None, skip_shards: Collection[str] = ()) -> TrainLoader:
+                       meta: Optional[DatasetMeta] = None, skip_shards: Collection[str] = (),
+                       legs: Sequence[Leg] = ()) -> TrainLoader:
     """Training stream for this rank (rank/world from torch.distributed or RANK/WORLD_SIZE when None).
-    ``skip_shards``: shard names never to open (``check_shards(...).skip_shards`` under on_corrupt=skip)."""
+    ``skip_shards``: shard names never to open (``check_shards(...).skip_shards`` under on_corrupt=skip).
+    ``legs``: the closed legs of ``start_epoch`` read under other layouts (a resume on another
+    number of ranks; see :meth:`DataPosition.resumed_under`): the rest of that epoch is resharded."""
     rank, world_size = _rank_world(rank, world_size)
     meta = meta or read_meta(data_cfg.url, data_cfg.s3_endpoint or None)
     meta.check_config(data_cfg)
     return TrainLoader(meta, data_cfg, micro_batch_size, seed, rank, world_size, start_epoch, start_batch, split, drop_last,
-                       skip_shards)
+                       skip_shards, legs)
 
 
 def build_eval_loader(data_cfg, split: str, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -68,7 +68,9 @@ def concat_batches(batches: Sequence[Batch], width: int) -> Batch:
 class MultiSubjectLoader:
     """Zips one train loader per subject; every micro-batch holds each subject's equal share.
 
-    ``position`` is the list of the loaders' ``(epoch, batch)`` (what to checkpoint);
+    ``position`` is the list of the loaders' ``(epoch, batch)``, ``position_records`` their full
+    positions (what to checkpoint: each dataset's epochs are resharded on their own when the
+    number of ranks changes);
     ``batches_per_epoch`` and ``skipped`` are the first loader's and the sum of all, for logging.
     """
 
@@ -83,6 +85,11 @@ class MultiSubjectLoader:
     @property
     def position(self) -> list[tuple[int, int]]:
         return [loader.position for loader in self.loaders]
+
+    @property
+    def position_records(self) -> list:
+        """Each dataset's :class:`~mindeye_dist.data.reshard.DataPosition` (what a checkpoint keeps)."""
+        return [loader.position_record for loader in self.loaders]
 
     def __iter__(self) -> Iterator[Batch]:
         iterators = [iter(loader) for loader in self.loaders]

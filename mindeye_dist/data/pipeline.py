@@ -75,6 +75,14 @@ class WorkerPlan:
     """Batches this worker yields in the epoch (before resume skipping)."""
     skip_batches: int
     """Leading batches already consumed (resume): read and shuffled, never decoded."""
+    sizes: Optional[tuple[int, ...]] = None
+    """Resharded epochs (data/reshard.py): the worker's batch sizes (the last few may be
+    smaller); None: ``n_batches`` full micro-batches."""
+    wanted: Optional[frozenset] = None
+    """Resharded epochs: the ``(shard name, position in shard)`` pairs to keep of what the
+    segments read (the rest of the epoch is scattered); None: all of them."""
+    leg: int = 0
+    """Index of the epoch's leg (seeds of resharded legs differ from the first leg's)."""
 
 
 def shard_order(n_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
