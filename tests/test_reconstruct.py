@@ -220,6 +220,15 @@ def test_reconstruction_grid_for_tensorboard(trained):
     assert not np.array_equal(grid[:16], grid[-16:])
     seen_only = reconstruction_grid(model, batch, None, None, n=2, cell=16, pad=2)
     assert seen_only.shape == (16, 2 * 16 + 2, 3)
+    # a bf16 run's weights (validation of bf16 training draws this grid): same layout, close pictures
+    import copy
+
+    import torch
+
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    grid_bf16 = reconstruction_grid(low, batch, generator, decoder, n=5, cell=16, pad=2)
+    assert grid_bf16.shape == grid.shape
+    assert np.abs(grid_bf16[:16].astype(int) - grid[:16].astype(int)).max() == 0  # the seen row is the data
 
 
 @pytest.mark.slow

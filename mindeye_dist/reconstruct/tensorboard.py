@@ -47,15 +47,26 @@ def reconstruction_grid(model, batch, generator=None, decoder=None, *, n: int = 
                         cell: int = 64, pad: int = 2) -> np.ndarray:
     """(H, W, 3) uint8 grid for the first ``n`` stimuli of ``batch`` (a :class:`mindeye_dist.data.Batch`
     with images). ``model`` is the MindEye module (not the engine); its train/eval mode is restored."""
-    from mindeye_dist.reconstruct.brain import ModelBrain
-
     if batch.images is None:
         raise ValueError("reconstruction_grid needs a batch with images (the dataset has no images field)")
     rows = min(n, len(batch))
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
     seen = batch.images[:rows].permute(0, 3, 1, 2).float() / 255.0
     was_training = model.training
     model.eval()
+    # A bf16 run's weights meet the float32 voxels, prior noise and renderer here: autocast lets
+    # each op run in the weights' dtype (validation in bf16 failed on "mat1 and mat2 must have the
+    # same dtype" before).
+    low = param.dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast(device.type, dtype=param.dtype, enabled=low):
+        return _grid(model, batch, generator, decoder, rows, seen, device, strength, sampler, steps, seed, cell, pad,
+                     was_training)
+
+
+def _grid(model, batch, generator, decoder, rows, seen, device, strength, sampler, steps, seed, cell, pad, was_training):
+    from mindeye_dist.reconstruct.brain import ModelBrain
+
     try:
         voxels, subject = batch.voxels[:rows].to(device), batch.subject[:rows].to(device)
         grid_rows = [seen]
@@ -76,6 +87,6 @@ def reconstruction_grid(model, batch, generator=None, decoder=None, *, n: int = 
     gutter = np.full((pad, 1, 3), 255, dtype=np.uint8)
     parts = []
     for r in grid_rows:
-        parts.append(_row(r, cell, pad))
+        parts.append(_row(r.float(), cell, pad))
         parts.append(np.broadcast_to(gutter, (pad, parts[-1].shape[1], 3)))
     return np.ascontiguousarray(np.concatenate(parts[:-1], axis=0))
