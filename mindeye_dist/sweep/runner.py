@@ -380,7 +380,11 @@ def _start_ray(sweep: SweepConfig, address: Optional[str], plan: SweepPlan, even
     # cores then; the search compares candidates only when they run side by side).
     at_once = max(res.concurrency, len(sweep.lr.values) if sweep.lr.search == "asha" else 1)
     need = at_once * (res.workers_per_trial * res.cpus_per_worker + TRIAL_CPU)
-    cpus = max(os.cpu_count() or 1, math.ceil(need - 1e-9))
+    # Twice that: a finished or ASHA-stopped trial's placement group is released asynchronously
+    # (Ray Train's PlacementGroupCleaner actors); with exactly `need` CPUs a new size's third candidate
+    # waited for workers that never came (2026-11-30, twice, both times after ASHA stops, with 4
+    # cleaners still alive). Logical CPUs only book; the cores are shared either way.
+    cpus = max(os.cpu_count() or 1, math.ceil(2 * need - 1e-9))
     ray.init(num_cpus=cpus, include_dashboard=sweep.dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     # Ray swaps a 127.0.0.1 node address for the host's routable one and binds there, unless it runs
