@@ -113,3 +113,26 @@ def test_too_small_split_is_a_clear_error(dataset):
         build_train_loader(DataConfig(url=dataset), 500, seed=0, rank=0, world_size=1)
     with pytest.raises(DataError, match="start_batch"):
         build_train_loader(DataConfig(url=dataset), 4, seed=0, rank=0, world_size=1, start_batch=10_000)
+
+
+def test_an_epoch_left_open_does_not_hang_the_interpreter_at_exit(tmp_path):
+    """Workers ignore SIGTERM (preemption); multiprocessing's exit handler SIGTERMs and then joins
+    them, so an epoch generator still holding workers at exit used to hang the process forever."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from mindeye_dist.data import build_synthetic_dataset
+
+    url = tmp_path / "tiny"
+    build_synthetic_dataset("tiny", str(url), seed=2, progress=False)
+    code = textwrap.dedent(f"""
+        from mindeye_dist.config import DataConfig
+        from mindeye_dist.data.loader import build_train_loader
+        loader = build_train_loader(DataConfig(url={str(url)!r}, num_workers=2, shuffle_buffer=10), 4, 0, rank=0, world_size=1)
+        epoch = loader.epoch_batches(0)
+        next(epoch); next(epoch)
+        print("open", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "open" in proc.stdout, proc.stderr[-2000:]

@@ -47,8 +47,10 @@ Under ``data.on_corrupt=skip`` what was skipped is counted in shared memory acro
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import weakref
 import signal
 from typing import Collection, Iterator, Optional, Sequence
 
@@ -293,7 +295,14 @@ class TrainLoader:
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
             worker_init_fn=_ignore_sigterm if k > 0 else None,
         )
-        yield from dl
+        it = iter(dl)
+        if k > 0:
+            _LIVE_ITERATORS.add(it)
+        try:
+            yield from it
+        finally:  # an epoch left early (islice, an exception, a closed generator): end its workers now
+            if k > 0:
+                it._shutdown_workers()
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, batch = self.position
@@ -314,6 +323,24 @@ def _batched_by(samples: Iterator[dict], sizes: Sequence[int]) -> Iterator[list]
         group = [x for _, x in zip(range(size), it)]
         if group:
             yield group
+
+
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+"""DataLoader iterators whose workers may still run (epoch generators not finished or closed)."""
+
+
+def _shutdown_live_workers() -> None:
+    """At interpreter exit, end the workers of epochs still open, gracefully. multiprocessing's own
+    exit handler would SIGTERM them, which they ignore (below), and then wait for them forever; this
+    handler is registered after it and so runs first."""
+    for it in list(_LIVE_ITERATORS):
+        try:
+            it._shutdown_workers()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+atexit.register(_shutdown_live_workers)
 
 
 def _ignore_sigterm(_worker_id: int) -> None:
