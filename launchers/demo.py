@@ -47,24 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mindeye_dist.config import ConfigError, load_config  # noqa: E402
-from mindeye_dist.distributed import free_port  # noqa: E402
+from mindeye_dist.distributed import deepspeed_cmd, free_port, local_ranks  # noqa: E402
 
 
-
-
-def _local_ranks() -> tuple[int, str]:
-    """(ranks, what they are): every CUDA device, else 2 CPU ranks (1 on a 1-core host)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return torch.cuda.device_count(), "GPU"
-    return max(1, min(2, os.cpu_count() or 1)), "CPU"
-
-
-def _deepspeed_cmd() -> list[str]:
-    """The ``deepspeed`` script of this interpreter's environment (not whatever is on PATH)."""
-    script = Path(sys.executable).parent / "deepspeed"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def prepare(data_url: str, seed: int, s3_endpoint: str | None, micro_batch_size: int, num_workers: int) -> dict:
@@ -116,8 +101,8 @@ def prepare(data_url: str, seed: int, s3_endpoint: str | None, micro_batch_size:
 
 def train(args, run_dir: Path, overrides: list[str]) -> tuple[int, list[str], float]:
     """Run the deepspeed launcher on every local accelerator; (return code, command, seconds)."""
-    n, kind = _local_ranks()
-    cmd = [*_deepspeed_cmd(), "--num_accelerators", str(n), "--master_port", str(free_port()),
+    n, kind = local_ranks()
+    cmd = [*deepspeed_cmd(), "--num_accelerators", str(n), "--master_port", str(free_port()),
            "launchers/train.py", "--ds_config", args.ds_config, "--config", args.config,
            f"data.url={args.data_url}", f"run.dir={run_dir}", f"run.seed={args.seed}", *overrides]
     print(f"== training on {n} {kind} rank(s)\n   {shlex.join(cmd)}", flush=True)

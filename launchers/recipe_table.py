@@ -17,6 +17,7 @@ command again skips members already in table.jsonl (and resumes an interrupted t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import subprocess
@@ -27,24 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mindeye_dist.distributed import free_port  # noqa: E402
+from mindeye_dist.distributed import deepspeed_cmd, free_port, local_ranks  # noqa: E402
 
 COLUMNS = ("member", "voxels", "informative", "tokens", "noise", "voxel_nl", "target_nl", "sessions", "clusters")
-
-
-def _deepspeed_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "deepspeed"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
-def _ranks() -> int:
-    import os
-
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return torch.cuda.device_count()
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def run_member(name: str, out: Path, args, overrides: list[str]) -> dict:
@@ -61,7 +47,7 @@ def run_member(name: str, out: Path, args, overrides: list[str]) -> dict:
                              command=f"python launchers/prepare_data.py synthetic --member {name} --out {data}")
     build_s = time.perf_counter() - t0
     run_dir = out / "runs" / name
-    cmd = [*_deepspeed_cmd(), "--num_accelerators", str(args.ranks), "--master_port", str(free_port()),
+    cmd = [*deepspeed_cmd(), "--num_accelerators", str(args.ranks), "--master_port", str(free_port()),
            "launchers/train.py", "--ds_config", args.ds_config, "--config", args.config,
            f"data.url={data}", f"run.dir={run_dir}", *overrides]
     print(f"== {name}: training\n   {shlex.join(cmd)}", flush=True)
@@ -84,7 +70,7 @@ def run_member(name: str, out: Path, args, overrides: list[str]) -> dict:
            "ridge": [ridge["image_top1"], ridge["brain_top1"]], "ours": [ours["image_top1"], ours["brain_top1"]],
            "ceiling": [ceiling.get("image_top1"), ceiling.get("brain_top1")],
            "train_min": train_s / 60, "total_min": (build_s + train_s + eval_s) / 60,
-           "command": shlex.join(cmd), "config_sha": __import__("hashlib").sha256(cfg_text.encode()).hexdigest()[:12]}
+           "command": shlex.join(cmd), "config_sha": hashlib.sha256(cfg_text.encode()).hexdigest()[:12]}
     return row
 
 
@@ -129,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, default=None, help="ranks per run (default: CUDA devices, else 2)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args(argv)
-    args.ranks = args.ranks or _ranks()
+    args.ranks = args.ranks or local_ranks()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "table.jsonl"

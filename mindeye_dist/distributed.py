@@ -318,3 +318,19 @@ class StallWatchdog:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def local_ranks() -> tuple[int, str]:
+    """(ranks, what they are) for a one-node launch: every CUDA device, else 2 CPU ranks (1 on a 1-core host)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.cuda.device_count(), "GPU"
+    return max(1, min(2, os.cpu_count() or 1)), "CPU"
+
+
+def deepspeed_cmd() -> list[str]:
+    """The ``deepspeed`` launcher of this interpreter's environment (not whatever is on PATH)."""
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "deepspeed"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
