@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -209,3 +210,92 @@ def test_a_trial_row_the_sweep_writes_is_what_the_report_reads(tmp_path):
     trial, = load_results(tmp_path).trials
     assert trial.overrides == {"model.hidden_dim": "32", "optim.max_lr": "0.003"}
     assert trial.params == 202208 and trial.val_loss == 3.69 and trial.samples_seen == 60160
+
+
+def test_a_diverged_candidate_never_wins_the_lr_search(tmp_path):
+    """choose_lr picks the lowest finite validation loss among finished candidates; a NaN (diverged
+    learning rate) is listed among the candidates but never chosen, whatever order it comes in."""
+    from types import SimpleNamespace
+
+    from mindeye_dist.sweep.plan import TrialSpec
+    from mindeye_dist.sweep.runner import _result_row, choose_lr, trial_dir
+
+    specs = []
+    for lr, loss in [(0.03, float("nan")), (0.003, 4.2), (0.01, 3.9), (0.1, float("inf"))]:
+        spec = TrialSpec(trial_id=f"h8-d100-s0-lr{lr}", role="lr_search", size="h8", data_size=100, seed=0, lr=lr,
+                         steps=10, samples=1000, flops=1.0, params=10, overrides=[f"optim.max_lr={lr}"])
+        specs.append(spec)
+        row = _result_row(spec, {"samples_seen": 1000, "step": 10, "val_loss": loss, "val_image_top1": 0.5,
+                                 "val_brain_top1": 0.5, "way": 30}, "finished", ["127.0.0.1"], 1.0)
+        trial_dir(tmp_path, spec.trial_id).mkdir(parents=True, exist_ok=True)
+        (trial_dir(tmp_path, spec.trial_id) / "result.json").write_text(json.dumps(row))
+    chosen = choose_lr(SimpleNamespace(search=specs), tmp_path, "h8")
+    assert chosen["lr"] == 0.01 and chosen["val_loss"] == 3.9
+    assert set(chosen["candidates"]) == {"0.03", "0.003", "0.01", "0.1"}
+    for spec in specs[1:3]:
+        (trial_dir(tmp_path, spec.trial_id) / "result.json").unlink()
+    with pytest.raises(RuntimeError, match="no finite validation loss"):
+        choose_lr(SimpleNamespace(search=specs), tmp_path, "h8")
+
+
+def test_sequential_lr_search_starts_from_the_middle_of_the_grid():
+    """With lr.concurrency 1 the first candidate always runs its full budget (ASHA has nothing
+    recorded to compare it with), so the middle of the grid goes first and the extremes meet it at
+    the rung; an even grid starts from its two middle values."""
+    from mindeye_dist.sweep.plan import TrialSpec
+    from mindeye_dist.sweep.runner import lr_concurrency, search_order
+
+    def specs(lrs):
+        return [TrialSpec(trial_id=f"t{lr}", role="lr_search", size="h8", data_size=10, seed=0, lr=lr, steps=1,
+                          samples=1, flops=1.0, params=1, overrides=[]) for lr in lrs]
+
+    assert [t.lr for t in search_order(specs([3e-3, 1e-2, 3e-2]))] == [1e-2, 3e-2, 3e-3]  # 3e-2 is nearer in log
+    assert [t.lr for t in search_order(specs([3e-2, 1e-3, 1e-2, 3e-3]))][:2] == [3e-3, 1e-2]
+    sweep = load_sweep_config(REPO / "launchers/configs/sweeps/scaling_cpu.yaml")
+    assert lr_concurrency(sweep) == 1
+    assert lr_concurrency(load_sweep_config(REPO / "launchers/configs/sweeps/smoke.yaml")) == len(
+        load_sweep_config(REPO / "launchers/configs/sweeps/smoke.yaml").lr.values)
+    with pytest.raises(ConfigError, match="lr.concurrency"):
+        load_sweep_config(REPO / "launchers/configs/sweeps/smoke.yaml", ["lr.concurrency=0"])
+
+
+def test_the_placement_group_of_a_stopped_trial_is_released(tmp_path):
+    """A worker records its placement group in the trial directory; once the trial has ended,
+    release_placement_groups removes it (Ray Train's own cleaner needs the dashboard's state API and
+    never fired with the dashboard off: the next trial waited forever for its workers), and a
+    second call finds nothing left to remove."""
+    script = tmp_path / "pg.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from mindeye_dist.sweep.runner import _record_placement_group, release_placement_groups
+
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        tdir = Path({str(tmp_path / "trial")!r})
+        pg = placement_group([{{"CPU": 1}}, {{"CPU": 1}}])
+        ray.get(pg.ready(), timeout=120)
+
+        @ray.remote(num_cpus=1)
+        def worker():
+            _record_placement_group(tdir)
+
+        ray.get(worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg)).remote(), timeout=120)
+        assert (tdir / "placement_groups.txt").read_text().split() == [pg.id.hex()]
+        assert placement_group_table(pg)["state"] == "CREATED"
+        first = release_placement_groups(tdir)
+        import time
+        for _ in range(100):
+            if placement_group_table(pg)["state"] == "REMOVED":
+                break
+            time.sleep(0.1)
+        print("RESULT", first, placement_group_table(pg)["state"], release_placement_groups(tdir),
+              release_placement_groups(tdir / "missing"))
+        ray.shutdown()
+    """))
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert "RESULT 1 REMOVED 0 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

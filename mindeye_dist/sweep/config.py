@@ -85,8 +85,14 @@ class LRSpec:
     """ASHA keeps 1 in this many trials at each rung."""
     data_size: Optional[float] = None
     """Data size the search runs at (one of ``data_sizes``); null = the largest."""
+    concurrency: Optional[int] = None
+    """Candidates of one size trained at once; null = all of them. 1 runs them one after another,
+    middle value first: later candidates are stopped at a rung when they trail the recorded ones,
+    and a machine with fewer cores than ranks x candidates is not oversubscribed."""
 
     def __post_init__(self) -> None:
+        _check(self.concurrency is None or self.concurrency >= 1, "lr.concurrency", self.concurrency,
+               "an integer >= 1, or null for all candidates at once")
         _check(len(self.values) >= 1 and all(v > 0 for v in self.values), "lr.values", self.values,
                "a non-empty list of positive learning rates")
         _check(0 < self.grace_fraction <= 1, "lr.grace_fraction", self.grace_fraction, "a fraction in (0, 1]")

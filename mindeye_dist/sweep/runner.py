@@ -68,6 +68,8 @@ def trial_worker(config: dict) -> None:
     run_dir = trial_dir(Path(config["sweep_dir"]), spec.trial_id) / "run"
     cfg = base_config(sweep, config["data_url"], [*spec.overrides, f"run.dir={run_dir}", "log.progress='off'"])
     started = time.time()
+    if ray.train.get_context().get_world_rank() == 0:
+        _record_placement_group(trial_dir(Path(config["sweep_dir"]), spec.trial_id))
 
     def reporter(metrics: dict[str, Any]) -> None:
         # Only validations go to Tune (ASHA's metric must be in every result); every rank calls
@@ -91,6 +93,48 @@ def trial_worker(config: dict) -> None:
         _write_json(trial_dir(Path(config["sweep_dir"]), spec.trial_id) / "result.json",
                     _result_row(spec, summary, "finished", nodes, elapsed))
     ray.train.report(summary)
+
+
+PLACEMENT_GROUPS = "placement_groups.txt"
+"""Per trial directory: the ids of the placement groups its Ray Train worker groups ran in."""
+
+
+def _record_placement_group(tdir: Path) -> None:
+    """Append this worker group's placement group id to ``tdir/placement_groups.txt``."""
+    from ray.util.placement_group import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is not None:
+        tdir.mkdir(parents=True, exist_ok=True)
+        with open(tdir / PLACEMENT_GROUPS, "a") as f:
+            f.write(pg.id.hex() + "\n")
+
+
+def release_placement_groups(tdir: Path) -> int:
+    """Remove the recorded placement groups of a trial that has ended; returns how many were still there.
+
+    When Tune stops a trial (ASHA) or it fails, its Ray Train controller dies with it, and Ray Train's
+    own ``PlacementGroupCleaner`` only notices through the state API, which needs the dashboard: with
+    the dashboard off (our default) the worker group's placement group stayed reserved for good, and
+    the next trial waited forever for workers (2026-11-30 and 2026-12-01, after every ASHA stop)."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    path = tdir / PLACEMENT_GROUPS
+    if not path.is_file():
+        return 0
+    released = 0
+    for hex_id in dict.fromkeys(path.read_text().split()):
+        pg = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+        try:
+            state = placement_group_table(pg).get("state")
+            if state not in (None, "REMOVED"):
+                remove_placement_group(pg)
+                released += 1
+        except (ray.exceptions.RayError, ValueError, KeyError) as err:  # already gone, or never known here
+            log.debug("placement group %s of %s: %s", hex_id, tdir.name, err)
+    return released
 
 
 def spec_samples(spec: TrialSpec, step: int) -> int:
@@ -203,12 +247,19 @@ def _progress_callback(events: _Events, sweep_dir: Path, rungs: list[int]):
                 return
             events(f"stopped   {spec.trial_id} early (ASHA) at {int(last.get('samples_seen', 0))} samples, "
                    f"val loss {last.get('val_loss', float('nan')):.4f}")
+            self._release(spec)
             wall = time.time() - self.started.get(spec.trial_id, time.time())
             _write_json(trial_dir(sweep_dir, spec.trial_id) / "result.json",
                         _result_row(spec, last, "stopped_early", [], wall))
 
+        def _release(self, spec: TrialSpec) -> None:
+            n = release_placement_groups(trial_dir(sweep_dir, spec.trial_id))
+            if n:
+                events(f"released  {n} placement group(s) of {spec.trial_id} (its workers' CPUs are free again)")
+
         def on_trial_error(self, iteration, trials, trial, **info):
             spec = TrialSpec(**trial.config["trial"])
+            self._release(spec)
             events(f"failed    {spec.trial_id} (attempt {trial.num_failures}); retried from its last checkpoint "
                    f"up to max_failures times; logs in {trial_dir(sweep_dir, spec.trial_id) / 'run' / 'logs'}")
 
@@ -259,19 +310,34 @@ def _asha(plan: SweepPlan):
         [grace * spec.reduction_factor ** k for k in range(8) if grace * spec.reduction_factor ** k <= budget]
 
 
+def lr_concurrency(sweep: SweepConfig) -> int:
+    """Candidates of one size that train at once."""
+    return sweep.lr.concurrency or len(sweep.lr.values)
+
+
+def search_order(specs: list[TrialSpec]) -> list[TrialSpec]:
+    """Candidates nearest the middle of the grid (in log learning rate) first: run one after another,
+    the first is promoted past every rung (nothing recorded to trail yet), so it should be the likeliest
+    winner, and the extremes, the likeliest losers, meet recorded values at the rung."""
+    logs = sorted(math.log(t.lr) for t in specs)
+    mid = (logs[(len(logs) - 1) // 2] + logs[len(logs) // 2]) / 2
+    return sorted(specs, key=lambda t: (abs(math.log(t.lr) - mid), t.lr))
+
+
 def choose_lr(plan: SweepPlan, sweep_dir: Path, size: str) -> dict:
     """The candidate of ``size`` that finished its budget with the lowest validation loss (else,
     if none finished, the lowest loss reached)."""
-    if True:  # one size
-        rows = [r for r in (_read_json(trial_dir(sweep_dir, t.trial_id) / "result.json")
-                            for t in plan.search if t.size == size) if r and r.get("val_loss") is not None]
-        if not rows:
-            raise RuntimeError(f"the learning-rate search for size {size!r} produced no validation loss; see "
-                               f"{sweep_dir / 'events.log'} and the trial logs under {sweep_dir / 'trials'}")
-        finished = [r for r in rows if r["status"] == "finished"] or rows
-        best = min(finished, key=lambda r: r["val_loss"])
-        return {"lr": best["lr"], "trial_id": best["trial_id"], "val_loss": best["val_loss"],
-                "finished": best["status"] == "finished", "candidates": {str(r["lr"]): r["val_loss"] for r in rows}}
+    reported = [r for r in (_read_json(trial_dir(sweep_dir, t.trial_id) / "result.json")
+                                for t in plan.search if t.size == size) if r and r.get("val_loss") is not None]
+    # A candidate that diverged (inf or NaN loss) can never win; min() over NaN would be order-dependent.
+    rows = [r for r in reported if math.isfinite(r["val_loss"])]
+    if not rows:
+        raise RuntimeError(f"the learning-rate search for size {size!r} produced no finite validation loss; see "
+                           f"{sweep_dir / 'events.log'} and the trial logs under {sweep_dir / 'trials'}")
+    finished = [r for r in rows if r["status"] == "finished"] or rows
+    best = min(finished, key=lambda r: r["val_loss"])
+    return {"lr": best["lr"], "trial_id": best["trial_id"], "val_loss": best["val_loss"],
+            "finished": best["status"] == "finished", "candidates": {str(r["lr"]): r["val_loss"] for r in reported}}
 
 
 def ridge_baselines(plan: SweepPlan, sweep_dir: Path) -> dict[str, dict]:
@@ -377,13 +443,12 @@ def _start_ray(sweep: SweepConfig, address: Optional[str], plan: SweepPlan, even
         return False
     res = sweep.resources
     # Logical CPUs: the machine's, or what one size's ASHA candidates need at once (they share the
-    # cores then; the search compares candidates only when they run side by side).
-    at_once = max(res.concurrency, len(sweep.lr.values) if sweep.lr.search == "asha" else 1)
+    # cores then).
+    at_once = max(res.concurrency, lr_concurrency(sweep) if sweep.lr.search == "asha" else 1)
     need = at_once * (res.workers_per_trial * res.cpus_per_worker + TRIAL_CPU)
-    # Twice that: a finished or ASHA-stopped trial's placement group is released asynchronously
-    # (Ray Train's PlacementGroupCleaner actors); with exactly `need` CPUs a new size's third candidate
-    # waited for workers that never came (2026-11-30, twice, both times after ASHA stops, with 4
-    # cleaners still alive). Logical CPUs only book; the cores are shared either way.
+    # Twice that, as slack: the placement group of a trial that ended is released asynchronously
+    # (release_placement_groups for stopped and failed ones). Logical CPUs only book; the cores are
+    # shared either way.
     cpus = max(os.cpu_count() or 1, math.ceil(2 * need - 1e-9))
     ray.init(num_cpus=cpus, include_dashboard=sweep.dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
@@ -428,11 +493,12 @@ def run_sweep(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, address: Opti
             for size in plan.sizes:
                 if size in chosen:
                     continue
-                specs = [t for t in plan.search if t.size == size]
+                specs = search_order([t for t in plan.search if t.size == size])
                 scheduler, rungs = _asha(plan)
                 events(f"LR search for {size} ({plan.sizes[size].params:,} parameters): "
                        f"{', '.join(f'{t.lr:.3g}' for t in specs)} with ASHA (rungs at {rungs} samples)")
-                _tune_phase(f"lr_{size}", specs, plan, sweep_dir, data_url, scheduler, len(specs), events, rungs)
+                _tune_phase(f"lr_{size}", specs, plan, sweep_dir, data_url, scheduler,
+                            min(len(specs), lr_concurrency(sweep)), events, rungs)
                 chosen[size] = choose_lr(plan, sweep_dir, size)
                 events(f"LR for {size}: {chosen[size]['lr']:.3g} (val loss {chosen[size]['val_loss']:.4f})")
                 _write_json(sweep_dir / "lr.json", chosen)
