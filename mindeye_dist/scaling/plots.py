@@ -7,6 +7,7 @@ README scales them to ~700 px.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,20 @@ def _plain_log_labels(axis) -> None:
     axis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
 
 
+def _sparse_minor_labels(axis) -> None:
+    """On a log axis, label the minor ticks at 2 and 5 times a power of ten only (matplotlib labels
+    every one when the axis spans under two decades, and 3x10^5 ran into 4x10^5 at README size)."""
+    sci = ticker.LogFormatterSciNotation(labelOnlyBase=False)
+
+    def label(x: float, pos=None) -> str:
+        if x <= 0:
+            return ""
+        mantissa = x / 10 ** math.floor(math.log10(x) + 1e-9)
+        return sci(x, pos) if any(abs(mantissa - m) < 1e-6 for m in (2, 5)) else ""
+
+    axis.set_minor_formatter(ticker.FuncFormatter(label))
+
+
 def plot_loss_vs_axis(report: dict, name: str, path: Path) -> bool:
     """Loss vs N (``loss_vs_params``) or vs D (``loss_vs_data``); False when nothing to draw."""
     entry = report["fits"][name]
@@ -79,6 +94,7 @@ def plot_loss_vs_axis(report: dict, name: str, path: Path) -> bool:
     _draw_fit(ax, entry, "α" if exponent == "alpha" else "β")
     ax.set(xscale="log", yscale="log", xlabel=f"{AXIS_LABEL[axis]} {AXIS_SYMBOL[axis]}", ylabel=LOSS_UNITS)
     _plain_log_labels(ax.yaxis)
+    _sparse_minor_labels(ax.xaxis)
     fixed = {k: v for k, v in (entry.get("slice") or {}).items() if v is not None}
     where = "".join(f", runs at {AXIS_SYMBOL[k]} = {v:.3g}" for k, v in fixed.items())
     title = f"Loss vs {AXIS_LABEL[axis]}: L = E + {'A·N^-α' if exponent == 'alpha' else 'B·D^-β'}{where}"
@@ -129,9 +145,11 @@ def plot_loss_vs_compute(report: dict, path: Path) -> bool:
         ax2.axvline(fitted["max_observed_flops"], color="0.5", lw=0.8, ls=":", label="largest run")
         ax2.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)",
                 ylabel="compute-optimal parameters N$_{opt}$", title="Compute-optimal model size (joint fit)")
+        _sparse_minor_labels(ax2.xaxis)
         ax2.legend(loc="lower right")
     ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel=LOSS_UNITS,
            title="Loss vs training compute, coloured by model size")
+    _sparse_minor_labels(ax.xaxis)
     _plain_log_labels(ax.yaxis)
     ax.legend(loc="lower left")
     fig.savefig(path)
@@ -167,6 +185,7 @@ def plot_retrieval_vs_params(report: dict, path: Path) -> None:
         ax.set_ylim(0, min(1.0, 1.15 * max(shown, default=1.0)) or 1.0)
         ax.set(xscale="log", xlabel="trainable parameters N", ylabel=f"{which} retrieval top-1 (fraction)",
                title=title)
+        _sparse_minor_labels(ax.xaxis)
         ax.legend(loc="best")
     fig.savefig(path)
 
@@ -192,6 +211,7 @@ def plot_residuals(report: dict, path: Path) -> bool:
         axis = entry["axes"][0]
         ax.set(xscale="log", xlabel=f"{AXIS_SYMBOL[axis]} ({AXIS_LABEL[axis]})", ylabel="residual (% of value)",
                title=name.replace("_", " ") + (" (colour: D)" if len(entry["axes"]) == 2 else ""))
+        _sparse_minor_labels(ax.xaxis)
         ax.grid(True, alpha=0.3)
     for ax in axes[len(fitted):]:
         ax.set_visible(False)
