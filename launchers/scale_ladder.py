@@ -5,6 +5,7 @@ estimate.py's prediction. Writes OUT/ladder.json and OUT/ladder.md (a markdown t
 
     flock /tmp/mindeye_heavy.lock python launchers/scale_ladder.py --out /tmp/ladder
     python launchers/scale_ladder.py --out /tmp/ladder --variants zero3 --widths 2048,1024 --steps 20
+    python launchers/scale_ladder.py --out /tmp/ladder --precision fp32      # what this CPU machine can afford
     python launchers/scale_ladder.py --out /tmp/ladder --variants zero3_nvme --widths 8192 \\
         --extra zero3_nvme:4096:model.lowlevel=true      # + MindEye1's full preset (with its low-level head)
 
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="backbone widths to try, comma-separated")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per rung (>= 20 to call it trained)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
+                   help="bf16 (MindEye's, and what GPUs want) or fp32: the same bytes per parameter of model "
+                        "states with Adam, and on a CPU without bf16 matmul units (this 2-core machine: about "
+                        "2 GFLOP/s in bf16) many times faster")
     p.add_argument("--no-checkpointing", action="store_true", help="rungs without activation checkpointing")
     p.add_argument("--margin-gib", type=float, default=d.margin_gib, help="MemAvailable left free by a rung's prediction")
     p.add_argument("--guard-gib", type=float, default=d.guard_gib, help="end a rung when MemAvailable falls below this")
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     options = LadderOptions(out=args.out, variants=variants, widths=tuple(int(w) for w in args.widths.split(",") if w),
-                            steps=args.steps, micro_batch=args.micro_batch,
+                            steps=args.steps, micro_batch=args.micro_batch, precision=args.precision,
                             activation_checkpointing=not args.no_checkpointing, margin_gib=args.margin_gib,
                             guard_gib=args.guard_gib, timeout_s=args.timeout, extra_rungs=tuple(args.extra))
     result = run_ladder(options)

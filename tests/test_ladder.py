@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mindeye_dist.bench.ladder import (VARIANTS, LadderOptions, Rung, _losses, _rank_pids, format_markdown, output_tiles,
-                                       predict, rung_ds_config)
+from mindeye_dist.bench.ladder import (VARIANTS, LadderOptions, Rung, _earlier_rows, _losses, _rank_pids, _runs_train_py,
+                                       format_markdown, output_tiles, predict, rung_ds_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,8 @@ def test_rung_overrides_and_tiles():
     assert output_tiles(4096) == 16 and output_tiles(1024) == 8 and output_tiles(8192) == 32
     rung = Rung("zero3", 2048, steps=20)
     assert rung.name == "zero3-h2048"
+    # another model at the same width has another name (its run directory and its row)
+    assert Rung("zero3_nvme", 4096, overrides=("model.lowlevel=true",)).name == "zero3_nvme-h4096-lowlevel=true"
     assert {"model.hidden_dim=2048", "model.output_tiles=8", "train.max_steps=20", "model.lowlevel=false"} <= set(
         rung.config_overrides())
 
@@ -87,6 +89,13 @@ def test_rank_pids_skip_loader_workers(tmp_path):
         launcher.wait()
 
 
+def test_a_rank_is_the_script_not_the_launcher_that_names_it():
+    rank = [b"/v/bin/python", b"-u", b"/r/launchers/train.py", b"--local_rank=0", b"--ds_config", b"x.json", b""]
+    launch = [b"/v/bin/python", b"-u", b"-m", b"deepspeed.launcher.launch", b"--world_info=e30=", b"/r/launchers/train.py"]
+    runner = [b"/v/bin/python", b"/v/bin/deepspeed", b"--num_accelerators", b"2", b"/r/launchers/train.py"]
+    assert _runs_train_py(rank) and not _runs_train_py(launch) and not _runs_train_py(runner)
+
+
 def test_losses_and_step_times_from_metrics(tmp_path):
     rows = [{"step": s, "loss/total": 2.0 - 0.05 * s, "perf/step_time_s": 1.0 + (s == 1) * 9} for s in range(1, 7)]
     rows.insert(3, {"step": 3, "val/loss": 1.0})  # validation rows carry no training loss
@@ -108,6 +117,25 @@ def test_markdown_table_lists_rungs_and_what_was_not_run():
     assert "| zero3 (`ds_configs/zero3.json`) | 2048 | 0.512B | trained | 3.000 → 2.000 (20 steps) | 5.00 | 4.50 (0.90) |" in md
     assert "zero3-h4096: 1.00B parameters, predicted 9.00 GiB per rank: needs" in md
     assert "0.60 GiB" in md
+
+
+def test_a_rerun_keeps_the_results_of_the_same_settings(tmp_path):
+    """The ladder can run a variant at a time into one OUT: trained rungs and a trained baseline are
+    kept; failed rungs and those the memory guard or the timeout ended are tried again; other
+    settings start afresh."""
+    options = LadderOptions(out=str(tmp_path))
+    opts = {"steps": options.steps, "micro_batch": options.micro_batch, "precision": options.precision,
+            "activation_checkpointing": True, "n_train": options.n_train}
+    rows = [{"rung": "zero2-h2048", "trained": True, "status": "trained"},
+            {"rung": "zero3-h4096", "trained": False, "status": "failed (exit 1)"},
+            {"rung": "zero3-h3072", "trained": False, "status": "aborted: memory guard"},
+            {"rung": "zero3_offload-h4096", "trained": False, "status": "timeout"}]
+    (tmp_path / "ladder.json").write_text(json.dumps({"options": opts, "rungs": rows,
+                                                        "baseline": {"baseline_bytes": 7, "trained": True}}))
+    kept = _earlier_rows(tmp_path, options)
+    assert sorted(kept) == ["_baseline", "zero2-h2048"]
+    assert _earlier_rows(tmp_path, LadderOptions(out=str(tmp_path), steps=options.steps + 1)) == {}
+    assert _earlier_rows(tmp_path / "missing", options) == {}
 
 
 @pytest.mark.distributed

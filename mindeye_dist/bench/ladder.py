@@ -77,7 +77,8 @@ class Rung:
 
     @property
     def name(self) -> str:
-        return f"{self.variant}-h{self.hidden_dim}"
+        extra = "" if self.overrides == Rung.overrides else "-" + ",".join(o.removeprefix("model.") for o in self.overrides)
+        return f"{self.variant}-h{self.hidden_dim}{extra}"
 
     def config_overrides(self) -> list[str]:
         return [f"model.hidden_dim={self.hidden_dim}", f"model.output_tiles={output_tiles(self.hidden_dim)}",
@@ -160,19 +161,35 @@ def predict(rung: Rung, activation_checkpointing: bool = True, lowlevel_shape: O
 # ---- data -----------------------------------------------------------------------------------
 
 
-def make_dataset(out_dir: Path, n_train: int, vae: bool = False) -> str:
-    """A synthetic subject with MindEye1's dims (VAE latents 4 x 64 x 64 when ``vae``), built once."""
+def make_dataset(out_dir: Path, n_train: int) -> str:
+    """A synthetic subject with MindEye1's dims, VAE latents 4 x 64 x 64 included, built once.
+
+    The latents are there even for rungs without the low-level head: the ``mindeye1`` preset fixes
+    ``lowlevel_shape`` and refuses a dataset that disagrees (every rung of the first ladder run,
+    2026-12-01, failed on it with 16 x 16 latents)."""
     from mindeye_dist.data import build_synthetic_dataset
 
-    path = out_dir / ("data_me1_vae" if vae else "data_me1")
+    path = out_dir / "data_me1"
     if not (path / "meta.json").is_file():
         log(f"building the synthetic dataset at {path} ({n_train} train stimuli, 15724 voxels, 257x768)")
         build_synthetic_dataset("demo", str(path), seed=0, n_train=n_train, n_test=32, progress=False,
-                                vae_size=64 if vae else 16, shard_size_mb=16.0, **MINDEYE1_DIMS)
+                                vae_size=64, shard_size_mb=16.0, **MINDEYE1_DIMS)
     return str(path)
 
 
 # ---- one run --------------------------------------------------------------------------------
+
+
+def _runs_train_py(argv: list[bytes]) -> bool:
+    """Whether a command line is ``python [-flags] .../launchers/train.py ...``: the script itself,
+    not DeepSpeed's ``launch`` module or ``deepspeed`` runner, which carry train.py as an argument
+    (taking them for the rank measured the launcher's 0.24 GiB, 2026-12-01)."""
+    for part in argv[1:]:
+        if part.endswith(b"launchers/train.py"):
+            return True
+        if part == b"-m" or not part.startswith(b"-"):
+            return False
+    return False
 
 
 def _rank_pids(root: int) -> list[int]:
@@ -194,7 +211,7 @@ def _rank_pids(root: int) -> list[int]:
         for child in children.get(pid, []):
             try:
                 with open(f"/proc/{child}/cmdline", "rb") as f:
-                    is_train = any(part.endswith(b"launchers/train.py") for part in f.read().split(b"\0"))
+                    is_train = _runs_train_py(f.read().split(b"\0"))
             except OSError:
                 continue
             if is_train and not under_rank:  # a forked child of a rank (a loader worker) runs train.py too
@@ -324,11 +341,19 @@ def run_rung(rung: Rung, data_url: str, out_dir: Path, options: LadderOptions,
 # ---- the ladder -----------------------------------------------------------------------------
 
 
-def _fits(need_per_rank: float, options: LadderOptions) -> tuple[bool, Optional[int]]:
-    available = mem_available_bytes()
-    if available is None:
-        return True, None
-    return 2 * need_per_rank <= available - options.margin_gib * GIB, available
+def _fits(need_per_rank: float, options: LadderOptions, settle_s: float = 0.0) -> tuple[bool, Optional[int]]:
+    """Whether 2 ranks of ``need_per_rank`` fit in MemAvailable minus the margin. A rung the guard
+    just ended returns its memory over seconds: wait up to ``settle_s`` for it before saying no
+    (2026-12-01: zero3_offload-h1024 was skipped with 11.3 GiB "available" right after h2048's kill)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        available = mem_available_bytes()
+        if available is None:
+            return True, None
+        fits = 2 * need_per_rank <= available - options.margin_gib * GIB
+        if fits or time.monotonic() >= deadline:
+            return fits, available
+        time.sleep(2.0)
 
 
 def _with_estimate(row: dict[str, Any], pred: dict[str, Any], baseline: Optional[int]) -> dict[str, Any]:
@@ -360,16 +385,29 @@ def run_ladder(options: LadderOptions) -> dict[str, Any]:
                               "host": {"mem_total_bytes": proc_kib_bytes("/proc/meminfo", "MemTotal"),
                                        "cpus": os.cpu_count()}}
     data_url = make_dataset(out, options.n_train)
-    base = measure_baseline(data_url, out, options)
+    earlier = _earlier_rows(out, options)
+    base = earlier.pop("_baseline", None) or measure_baseline(data_url, out, options)
     result["baseline"] = base
     baseline = base["baseline_bytes"]
     log(f"process baseline per rank: {baseline / GIB if baseline else float('nan'):.2f} GiB")
+    # Rungs of earlier invocations on the same OUT (same steps, batch and precision) are kept: the
+    # ladder can be run a variant at a time, and a rerun after an interruption does not redo them.
+    extras = {r.name for r in options.extra_rungs}
+    result["rungs"] += [row for name, row in earlier.items() if row["variant"] not in options.variants
+                        and name not in extras]
     for variant in options.variants:
         for width in sorted(options.widths, reverse=True):
             rung = Rung(variant, width, steps=options.steps, micro_batch=options.micro_batch, precision=options.precision)
+            if rung.name in earlier:
+                row = earlier[rung.name]
+                result["rungs"].append(row)
+                log(f"{rung.name}: kept from the earlier run in {out} ({row['status']})")
+                if row["trained"]:
+                    break
+                continue
             pred = predict(rung, options.activation_checkpointing)
             need = pred["estimate_peak_bytes"] + (baseline or 0)
-            fits, available = _fits(need, options)
+            fits, available = _fits(need, options, settle_s=60.0 if result["rungs"] and not result["rungs"][-1]["trained"] else 0.0)
             if not fits:
                 result["skipped"].append({"rung": rung.name, "variant": variant, "hidden_dim": width, "params": pred["params"],
                                           "estimate_peak_bytes_per_rank": need, "mem_available_bytes": available,
@@ -386,8 +424,13 @@ def run_ladder(options: LadderOptions) -> dict[str, Any]:
             if row["trained"]:
                 break
     for rung in options.extra_rungs:
+        rung = dataclasses.replace(rung, steps=options.steps, micro_batch=options.micro_batch,
+                                   precision=options.precision)
+        if rung.name in earlier:
+            result["rungs"].append(earlier[rung.name])
+            log(f"{rung.name}: kept from the earlier run in {out} ({earlier[rung.name]['status']})")
+            continue
         vae = any(o == "model.lowlevel=true" for o in rung.overrides)
-        url = make_dataset(out, options.n_train, vae=vae) if vae else data_url
         pred = predict(rung, options.activation_checkpointing, lowlevel_shape=[4, 64, 64] if vae else None)
         need = pred["estimate_peak_bytes"] + (baseline or 0)
         fits, available = _fits(need, options)
@@ -396,11 +439,31 @@ def run_ladder(options: LadderOptions) -> dict[str, Any]:
                                       "params": pred["params"], "estimate_peak_bytes_per_rank": need,
                                       "mem_available_bytes": available, "reason": "does not fit now"})
             continue
-        result["rungs"].append(_with_estimate(run_rung(rung, url, out, options), pred, baseline))
+        result["rungs"].append(_with_estimate(run_rung(rung, data_url, out, options), pred, baseline))
         _write(out, result)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     _write(out, result)
     return result
+
+
+def _earlier_rows(out: Path, options: LadderOptions) -> dict[str, Any]:
+    """Rows of an earlier ``ladder.json`` in ``out`` measured with the same steps, micro-batch,
+    precision and checkpointing, by rung name (its baseline under ``_baseline``); {} otherwise."""
+    path = out / "ladder.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    keys = ("steps", "micro_batch", "precision", "activation_checkpointing", "n_train")
+    if any(old.get("options", {}).get(k) != getattr(options, k) for k in keys):
+        log(f"{path}: measured with other settings; starting afresh")
+        return {}
+    # Only rungs that trained are kept: a failure, the memory guard or the timeout is tried again
+    # (a failure may have been a bug since fixed).
+    rows: dict[str, Any] = {r["rung"]: r for r in old.get("rungs", []) if r.get("rung") and r.get("trained")}
+    if (old.get("baseline") or {}).get("trained"):
+        rows["_baseline"] = old["baseline"]
+    return rows
 
 
 def fmt_gib(value: Optional[float]) -> str:
