@@ -52,6 +52,7 @@ def result(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # every section of the harness through one ~2-minute fixture (make test-slow)
 def test_headlines_are_positive_and_finite(result):
     for key in HEADLINES:
         assert key in result, key
@@ -63,6 +64,7 @@ def test_headlines_are_positive_and_finite(result):
         assert _positive(t["value"]) and isinstance(t["met"], bool)
 
 
+@pytest.mark.slow  # every section of the harness through one ~2-minute fixture (make test-slow)
 def test_sections_schema(result):
     assert _positive(result["peak"]["matmul_flops_per_s"])
     presets = result["train"]["presets"]
@@ -108,6 +110,7 @@ def test_sections_schema(result):
         assert len(s["ranks"]) == 2
 
 
+@pytest.mark.slow  # every section of the harness through one ~2-minute fixture (make test-slow)
 def test_json_and_markdown(result):
     text = json.dumps(result, allow_nan=False, default=str)
     assert json.loads(text)["train_vs_reference_ratio"] == result["train_vs_reference_ratio"]

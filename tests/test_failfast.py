@@ -67,6 +67,7 @@ def test_stalled_peer_ends_the_job_after_the_timeout(tmp_path, data_url):
     assert "rank 0: no training progress for" in out and "MINDEYE_DIST_TIMEOUT_S=15" in out
 
 
+@pytest.mark.slow  # the launcher and both ranks start before the port is found busy: about 45 s on 2 cores
 def test_busy_master_port_names_the_fix(tmp_path, data_url):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

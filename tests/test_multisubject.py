@@ -87,6 +87,7 @@ def _env():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # two launcher runs, about 70 s; routing and per-subject batches stay in the default tier
 def test_multi_subject_run_then_fine_tune_a_new_subject_on_two_ranks(tmp_path, subjects):
     ds = str(REPO / "ds_configs/zero2.json")
     tiny = str(REPO / "launchers/configs/tiny.yaml")
