@@ -134,6 +134,10 @@ def ssim(seen: torch.Tensor, recon: torch.Tensor) -> float:
     return float(np.mean(scores))
 
 
+TIE_TOLERANCE = 1e-12
+"""Correlations closer than this count as tied in two-way identification (float64 rounding)."""
+
+
 def _standardise(x: torch.Tensor) -> torch.Tensor:
     """Rows to zero mean and unit norm (float64), so a dot product is a Pearson correlation."""
     x = x.double()
@@ -158,7 +162,9 @@ def two_way_identification(real: torch.Tensor, recon: torch.Tensor, chunk: int =
         for j in range(0, n, chunk):
             r[i:i + chunk, j:j + chunk] = zi @ _standardise(recon[j:j + chunk]).T
     congruent = torch.diagonal(r)
-    successes = (r < congruent[None, :]).sum(0)  # per reconstruction j; the diagonal never counts
+    # Per reconstruction j; the diagonal never counts. A tie is no success: correlations equal in
+    # exact arithmetic (e.g. -1/3 twice) can come out an ulp apart depending on the CPU's kernels.
+    successes = (r < congruent[None, :] - TIE_TOLERANCE).sum(0)
     return float(successes.double().mean() / (n - 1))
 
 
