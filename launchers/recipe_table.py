@@ -4,11 +4,13 @@ For each family member (default: the held-out ones, ``heldout-a`` ... ``heldout-
 dataset, train ``launchers/configs/default.yaml`` (``recipe: auto``) through the real
 ``deepspeed`` launcher on the local ranks, evaluate the best validation checkpoint on the test
 split with ``evaluate.py``'s ridge baseline, and print one row: world settings, ridge, ours,
+a reference decoder that knows the member's target map (``mindeye_dist/recipe_reference.py``),
 the Bayes ceiling, ours / ceiling, minutes. ::
 
     python launchers/recipe_table.py --out recipe_out                   # every held-out member
     python launchers/recipe_table.py --out recipe_out --members heldout-a heldout-g
     python launchers/recipe_table.py --out recipe_out --members tune-a train.max_steps=300
+    python launchers/recipe_table.py --out recipe_out --reference-only   # the knows-maps reference only
 
 Rows go to OUT/table.jsonl as each member finishes, the table to OUT/table.md; running the same
 command again skips members already in table.jsonl (and resumes an interrupted training run).
@@ -62,6 +64,7 @@ def run_member(name: str, out: Path, args, overrides: list[str]) -> dict:
     t = time.perf_counter()
     res = evaluate_run(str(run_dir), None, "test", None, 300, 30, 0, "ridge")
     eval_s = time.perf_counter() - t
+    reference = member_reference(name)
     ours, ridge, ceiling = res["retrieval"], res["baselines"]["ridge"], res.get("ceiling") or {}
     settings = member.settings()
     cfg_text = (run_dir / "config.yaml").read_text()
@@ -69,9 +72,35 @@ def run_member(name: str, out: Path, args, overrides: list[str]) -> dict:
            "n_train": settings["n_train"], "checkpoint": res.get("checkpoint"),
            "ridge": [ridge["image_top1"], ridge["brain_top1"]], "ours": [ours["image_top1"], ours["brain_top1"]],
            "ceiling": [ceiling.get("image_top1"), ceiling.get("brain_top1")],
+           "reference": [reference["image_top1"], reference["brain_top1"]], "reference_latent_r2": reference["latent_r2"],
            "train_min": train_s / 60, "total_min": (build_s + train_s + eval_s) / 60,
            "command": shlex.join(cmd), "config_sha": hashlib.sha256(cfg_text.encode()).hexdigest()[:12]}
     return row
+
+
+def member_reference(name: str) -> dict:
+    """The decoder that knows the member's target map (mindeye_dist.recipe_reference), on the test split."""
+    from mindeye_dist.data.family import get_member
+    from mindeye_dist.recipe_reference import latent_ridge_reference
+
+    return latent_ridge_reference(get_member(name))
+
+
+def references(members: list[str], out: Path) -> int:
+    """Only the knows-maps reference (seconds to minutes per member, no training), to OUT/references.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "references.jsonl", "a") as f:
+        for name in members:
+            t = time.perf_counter()
+            ref = member_reference(name)
+            f.write(json.dumps({"member": name, **ref}) + "\n")
+            print(f"== {name}: knows-maps reference {ref['image_top1']:.3f} / {ref['brain_top1']:.3f} "
+                  f"(latent R2 {ref['latent_r2']:.3f}, {time.perf_counter() - t:.0f} s)", flush=True)
+    return 0
+
+
+def _pair(values) -> str:
+    return f"{values[0]:.3f} / {values[1]:.3f}" if values else "-"
 
 
 def _ratio(a, b) -> str:
@@ -80,7 +109,8 @@ def _ratio(a, b) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| member | voxels | informative | tokens | noise | voxel / target nonlin. | sessions | clusters | "
-            "ridge img / brain | ours img / brain | ceiling img / brain | ours ÷ ceiling | beats ridge | train min |")
+            "ridge img / brain | ours img / brain | knows-maps ref. img / brain | ceiling img / brain | ours ÷ ceiling | "
+            "beats ridge | train min |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         beats = all(o >= g for o, g in zip(r["ours"], r["ridge"]))
@@ -88,6 +118,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['member']} | {r['voxels']} | {r['informative']:.2f} | {r['tokens']} | {r['noise']} | "
             f"{r['voxel_nl']} / {r['target_nl']} | {r['sessions']} | {r['clusters']} | "
             f"{r['ridge'][0]:.3f} / {r['ridge'][1]:.3f} | {r['ours'][0]:.3f} / {r['ours'][1]:.3f} | "
+            f"{_pair(r.get('reference'))} | "
             f"{r['ceiling'][0]:.3f} / {r['ceiling'][1]:.3f} | "
             f"{_ratio(r['ours'][0], r['ceiling'][0])} / {_ratio(r['ours'][1], r['ceiling'][1])} | "
             f"{'yes' if beats else 'NO'} | {r['train_min']:.1f} |")
@@ -100,7 +131,10 @@ def markdown(rows: list[dict]) -> str:
         lines.append("")
         lines.append(f"Median ours ÷ ceiling: image {img:.2f}, brain {brain:.2f}; at or above ridge in both "
                      f"directions on {wins} of {len(rows)} members. 300-way top-1 on the test split (1,000 stimuli, "
-                     f"30 random subsets), best validation checkpoint.")
+                     f"30 random subsets), best validation checkpoint. The knows-maps reference is ridge from the "
+                     f"averaged voxels to the true latents, put through the member's own target map "
+                     f"(mindeye_dist/recipe_reference.py): what a decoder given the world's structure gets from "
+                     f"these trials.")
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="launchers/configs/default.yaml")
     parser.add_argument("--ds_config", "--ds-config", dest="ds_config", default="ds_configs/zero2.json")
     parser.add_argument("--ranks", type=int, default=None, help="ranks per run (default: CUDA devices, else 2)")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="no training: print the knows-maps reference of each member (OUT/references.jsonl)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args(argv)
+    if args.reference_only:
+        return references(args.members, Path(args.out))
     args.ranks = args.ranks or local_ranks()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -131,3 +131,30 @@ def test_train_py_without_config_uses_the_recipe(tiny, tmp_path):
     expected, _ = recipe.derive(recipe.DataShape.from_meta(read_meta(tiny)), 1)
     assert saved["recipe"] == "auto" and saved["model"]["hidden_dim"] == expected["model"]["hidden_dim"]
     assert saved["checkpoint"]["select"] == "best" and saved["train"]["max_steps"] == 2
+
+
+def test_knows_maps_reference_sees_what_the_data_allows():
+    """The reference decoder (ridge to the true latents + the member's own target map) is near
+    perfect on an easy small member, falls with noise, and never beats the Bayes ceiling."""
+    from mindeye_dist.data.family import get_member
+    from mindeye_dist.data.synthetic import SyntheticSubject
+    from mindeye_dist.recipe_reference import latent_ridge_reference
+
+    easy = get_member("random-3", n_train=1500, n_test=300, n_voxels=400, uninformative_frac=0.2, noise=0.5,
+                      voxel_nonlinearity=0.0, latent_clusters=0)
+    hard = get_member("random-3", n_train=1500, n_test=300, n_voxels=400, uninformative_frac=0.2, noise=6.0,
+                      voxel_nonlinearity=0.0, latent_clusters=0)
+    ref_easy, ref_hard = latent_ridge_reference(easy, loops=5), latent_ridge_reference(hard, loops=5)
+    assert ref_easy["latent_r2"] > 0.8 and ref_easy["image_top1"] > 0.9
+    assert ref_hard["latent_r2"] < ref_easy["latent_r2"] and ref_hard["image_top1"] < ref_easy["image_top1"]
+    ceiling = SyntheticSubject(hard.spec, hard.seed).retrieval_ceiling("test", way=300, loops=5)
+    assert ref_hard["image_top1"] <= ceiling["image_top1"] + 0.02
+    row = {"member": "m", "voxels": 100, "informative": 0.5, "tokens": "4x16", "noise": 2.0, "voxel_nl": 0.0,
+           "target_nl": 1.0, "sessions": 1, "clusters": 0, "ridge": [0.5, 0.4], "ours": [0.6, 0.3],
+           "ceiling": [0.9, 0.8], "train_min": 1.0, "reference": [0.81, 0.79]}
+    import importlib.util
+
+    mod_spec = importlib.util.spec_from_file_location("recipe_table", REPO / "launchers" / "recipe_table.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    assert "| 0.810 / 0.790 |" in mod.markdown([row])
