@@ -152,3 +152,23 @@ def test_one_rung_through_the_launcher(tmp_path):
     assert len(row["peak_rss_bytes_ranks"]) == 2 and row["peak_rss_bytes_per_rank"] > 100 * 2**20
     assert row["steps"] == 6 and row["loss_last3"] < row["loss_first3"]
     assert 0 < row["baseline_bytes"] < row["peak_rss_bytes_per_rank"]
+
+
+def test_nvme_rungs_get_swap_buffers_sized_to_their_largest_parameter(tmp_path):
+    """DeepSpeed gives every swapped-in parameter partition a buffer of its own: an NVMe rung gets
+    NVME_PARAM_BUFFERS buffers, each as large as its largest parameter's partition at 2 ranks (the
+    shipped 5 x 1e8 ran out in the first forward), and the estimate counts those buffers."""
+    from mindeye_dist.bench.ladder import NVME_PARAM_BUFFERS, _rung_ds_config, nvme_param_buffer_size
+
+    small, big = Rung("zero3_nvme", 1024, steps=20), Rung("zero3_nvme", 2048, steps=20)
+    # the largest parameter is the adapter (15,724 x hidden) or an output tile (hidden x 257*768/tiles):
+    # half of it per rank, rounded up to 2**20
+    for rung in (small, big):
+        size, h = nvme_param_buffer_size(rung), rung.hidden_dim
+        half = max(15724 * h, h * -(-257 * 768 // output_tiles(h))) / 2
+        assert size >= half and size % 2**20 == 0 and size - 2**20 < half
+        par = _rung_ds_config(rung, tmp_path)["zero_optimization"]["offload_param"]
+        assert par["buffer_size"] == size and par["buffer_count"] == NVME_PARAM_BUFFERS
+    assert "buffer_size" not in json.dumps(_rung_ds_config(Rung("zero3_offload", 1024, steps=20), tmp_path))
+    # the estimate grows with the buffers it is told about
+    assert predict(big)["estimate_peak_bytes"] > predict(small)["estimate_peak_bytes"]

@@ -94,9 +94,41 @@ def output_tiles(hidden_dim: int) -> int:
     return max(8, hidden_dim // 256)
 
 
-def rung_ds_config(variant: str, nvme_dir: Path) -> dict[str, Any]:
+NVME_PARAM_BUFFERS = 16
+"""Parameter swap buffers per rank for NVMe rungs. DeepSpeed holds every swapped-in parameter
+partition in a buffer of its own (``partitioned_param_swapper.py``), whatever its size; the
+shipped config's 5 ran out in the first forward of a MindEye1-shaped model ("Not enough buffers 0
+for swapping 1"): the prior's transformer layers fetch more than 5 parameters at once."""
+
+
+NVME_ZERO3 = {"stage3_max_reuse_distance": 0}
+"""ZeRO-3 knobs of NVMe rungs: a swapped-in parameter is released as soon as its module is done.
+With the shipped reuse distance (1e8 elements) the 16 parameters of the prior's first layers were
+all kept and no buffer was left for the next one."""
+
+
+def nvme_param_buffer_size(rung: "Rung", world_size: int = 2) -> int:
+    """Elements per swap buffer for ``rung``: its largest parameter's partition at ``world_size``
+    ranks, rounded up to a multiple of 2**20 (the shipped 1e8 is 400 MB each in fp32, far more than
+    most rungs need, and too little for none)."""
+    import torch
+
+    from mindeye_dist.models import build_model
+
+    cfg = _experiment(rung)
+    with torch.device("meta"):
+        model = build_model(cfg.model, n_voxels=MINDEYE1_DIMS["n_voxels"], n_tokens=MINDEYE1_DIMS["n_tokens"],
+                            token_dim=MINDEYE1_DIMS["token_dim"], lowlevel_shape=[4, 64, 64])
+    largest = max(p.numel() for p in model.parameters())
+    part = math.ceil(largest / world_size)
+    return int(math.ceil(part / 2**20) * 2**20)
+
+
+def rung_ds_config(variant: str, nvme_dir: Path, param_buffer_size: Optional[int] = None) -> dict[str, Any]:
     """The variant's shipped DeepSpeed config; NVMe swap files go to ``nvme_dir`` (one per run:
-    DeepSpeed names them by rank and parameter id only, so two runs on one path would collide)."""
+    DeepSpeed names them by rank and parameter id only, so two runs on one path would collide).
+    With ``param_buffer_size`` (:func:`nvme_param_buffer_size`), an NVMe variant's parameter swap
+    buffers are sized to the rung: that many elements each, :data:`NVME_PARAM_BUFFERS` of them."""
     from mindeye_dist.ds_config import load_ds_config
 
     ds = load_ds_config(REPO_ROOT / VARIANTS[variant])
@@ -104,7 +136,16 @@ def rung_ds_config(variant: str, nvme_dir: Path) -> dict[str, Any]:
         block = ds.get("zero_optimization", {}).get(key)
         if isinstance(block, dict) and block.get("device") == "nvme":
             block["nvme_path"] = str(nvme_dir)
+            if key == "offload_param" and param_buffer_size:
+                block["buffer_size"] = int(param_buffer_size)
+                block["buffer_count"] = NVME_PARAM_BUFFERS
+                ds["zero_optimization"].update(NVME_ZERO3)
     return ds
+
+
+def _rung_ds_config(rung: "Rung", nvme_dir: Path) -> dict[str, Any]:
+    size = nvme_param_buffer_size(rung) if "nvme" in rung.variant else None
+    return rung_ds_config(rung.variant, nvme_dir, size)
 
 
 @dataclass
@@ -148,7 +189,7 @@ def predict(rung: Rung, activation_checkpointing: bool = True, lowlevel_shape: O
     from mindeye_dist.estimate import estimate
 
     cfg = _experiment(rung, activation_checkpointing=activation_checkpointing)
-    ds = rung_ds_config(rung.variant, Path("/nonexistent"))
+    ds = _rung_ds_config(rung, Path("/nonexistent"))
     result = estimate(cfg.model, flops=False, world_size=2, ds_config=ds, micro_batch_size=rung.micro_batch,
                       precision=rung.precision, lowlevel_shape=lowlevel_shape, **MINDEYE1_DIMS)
     stages = result["memory"]["stages"]
@@ -280,7 +321,7 @@ def run_rung(rung: Rung, data_url: str, out_dir: Path, options: LadderOptions,
     nvme_dir = out_dir / "nvme" / rung.name
     ds_path = out_dir / "ds_configs" / f"{rung.name}.json"
     ds_path.parent.mkdir(parents=True, exist_ok=True)
-    ds_path.write_text(json.dumps(rung_ds_config(rung.variant, nvme_dir), indent=2))
+    ds_path.write_text(json.dumps(_rung_ds_config(rung, nvme_dir), indent=2))
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port()),
            str(REPO_ROOT / "launchers/train.py"), "--ds_config", str(ds_path),
            "--config", str(REPO_ROOT / "launchers/configs/mindeye1.yaml"), *cfg_args]
