@@ -220,7 +220,8 @@ class TrainConfig:
     """Host allocator: 'reuse' keeps freed memory for the next step instead of unmapping it (glibc
     mallopt: a third of the kernel time of a 214M-parameter CPU run, 1.34x in bf16; see
     mindeye_dist/hostmem.py and BENCHMARKS.md); 'system' leaves glibc's defaults; 'auto' (default)
-    is 'reuse' when training on the CPU and 'system' on a GPU."""
+    is 'reuse' when training on the CPU without ZeRO-3 or an offload, else 'system' (a fragmented
+    heap kept a 286M-parameter ZeRO-3 NVMe rank 4 GiB above its live memory)."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", self.max_steps, "a positive integer")

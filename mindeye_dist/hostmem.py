@@ -97,18 +97,24 @@ def current() -> str:
     return _state or "unchanged"
 
 
-def resolve(mode: str, device_type: str) -> str:
+def resolve(mode: str, device_type: str, memory_bound: bool = False) -> str:
     """``auto`` -> ``reuse`` when the step runs on the CPU, else ``system``: on a GPU host the step's
     tensors live on the device, and keeping the heap at its peak would only hold on to transient
-    host buffers (a ZeRO-3 checkpoint gathered on the host, say) for the rest of the run."""
+    host buffers (a ZeRO-3 checkpoint gathered on the host, say) for the rest of the run.
+
+    ``memory_bound`` (the run uses ZeRO-3 or an offload: it was configured to save memory) also
+    gives ``system``. With ``reuse`` the heap keeps every freed block and fragments: at the scale
+    ladder's 286M-parameter NVMe rung (2 ranks, fp32) a rank's RSS was 8.1 GiB after the first step
+    and 9.6-10.8 GiB by the tenth, against 5.3-5.8 GiB with ``system`` at the same 15 s per step
+    (docs/scale.md)."""
     if mode == "auto":
-        return "reuse" if device_type == "cpu" else "system"
+        return "reuse" if device_type == "cpu" and not memory_bound else "system"
     return mode
 
 
-def apply(mode: str, device_type: str = "cpu") -> str:
+def apply(mode: str, device_type: str = "cpu", memory_bound: bool = False) -> str:
     """Apply a ``train.host_memory`` setting (``auto`` per :func:`resolve`); returns :func:`current`."""
-    mode = resolve(mode, device_type)
+    mode = resolve(mode, device_type, memory_bound)
     if mode == "reuse":
         reuse_freed_memory()
     elif mode == "system":

@@ -229,7 +229,7 @@ def run(cfg: ExperimentConfig, reporter: Optional[Reporter] = None) -> dict[str,
 def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_size: int, device: torch.device,
          watchdog: Optional[StallWatchdog], preemption) -> dict[str, Any]:
     from mindeye_dist import hostmem
-    from mindeye_dist.ds_config import load_ds_config, resolve_ds_config, write_ds_config
+    from mindeye_dist.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, write_ds_config, zero_stage
     from mindeye_dist.faults import faults_from_env
     from mindeye_dist.metrics import ProgressBar, build_loggers, device_peak_flops, truncate_jsonl
 
@@ -239,8 +239,9 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
     run_dir = Path(cfg.run.dir)
     check_writable_dir(run_dir, key="run.dir")  # a file, or not writable: named, before anything starts
     setup_logging(run_dir, rank)
-    hostmem.apply(cfg.train.host_memory, device.type)  # before the first large allocation
     ds = resolve_ds_config(load_ds_config(cfg.run.ds_config), cfg, world_size)  # fails before allocating
+    # before the first large allocation; ZeRO-3 and offloads (memory-bound runs) keep glibc's defaults
+    hostmem.apply(cfg.train.host_memory, device.type, memory_bound=zero_stage(ds) == 3 or offloads_optimizer(ds))
     if cfg.train.precision == "fp16" and device.type == "cpu":
         raise ConfigError("train.precision=fp16 is not supported on CPU (DeepSpeed refuses it, matmuls crawl); use fp32 or bf16")
     metas, skip_shards = _datasets(cfg)

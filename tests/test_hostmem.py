@@ -82,6 +82,7 @@ def test_unknown_mode_is_refused():
 
 def test_auto_reuses_on_cpu_only():
     assert hostmem.resolve("auto", "cpu") == "reuse"
+    assert hostmem.resolve("auto", "cpu", memory_bound=True) == "system"  # ZeRO-3 or offload: RSS over speed
     assert hostmem.resolve("auto", "cuda") == "system"
     assert hostmem.resolve("system", "cpu") == "system" and hostmem.resolve("reuse", "cuda") == "reuse"
     out = _probe("auto:cuda", "fill", "fill")  # a GPU run leaves glibc alone: every block faults
