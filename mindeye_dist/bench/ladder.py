@@ -101,10 +101,12 @@ shipped config's 5 ran out in the first forward of a MindEye1-shaped model ("Not
 for swapping 1"): the prior's transformer layers fetch more than 5 parameters at once."""
 
 
-NVME_ZERO3 = {"stage3_max_reuse_distance": 0}
-"""ZeRO-3 knobs of NVMe rungs: a swapped-in parameter is released as soon as its module is done.
-With the shipped reuse distance (1e8 elements) the 16 parameters of the prior's first layers were
-all kept and no buffer was left for the next one."""
+NVME_ZERO3 = {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}
+"""ZeRO-3 knobs of NVMe rungs: a swapped-in parameter is released as soon as its module is done
+(with the shipped reuse distance, 1e8 elements, the 16 parameters of the prior's first layers were
+all kept and no buffer was left for the next one), and nothing is prefetched: DeepSpeed 0.19.8's
+NVMe prefetch in the backward failed at 1.0B parameters with "param 12 already assigned swap
+buffer id 7" (``__prefetch_nvme_param_partitions``), and on 2 cores there is little to overlap."""
 
 
 def nvme_param_buffer_size(rung: "Rung", world_size: int = 2) -> int:
