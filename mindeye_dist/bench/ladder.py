@@ -438,16 +438,20 @@ def run_ladder(options: LadderOptions) -> dict[str, Any]:
     extras = {r.name for r in options.extra_rungs}
     result["rungs"] += [row for name, row in earlier.items() if row["variant"] not in options.variants
                         and name not in extras]
+
+    def kept(rung: Rung) -> bool:
+        """Whether ``rung`` was measured by an earlier invocation; its row is then added to the result."""
+        row = earlier.get(rung.name)
+        if row is not None:
+            result["rungs"].append(row)
+            log(f"{rung.name}: kept from the earlier run in {out} ({row['status']})")
+        return row is not None
+
     for variant in options.variants:
         for width in sorted(options.widths, reverse=True):
             rung = Rung(variant, width, steps=options.steps, micro_batch=options.micro_batch, precision=options.precision)
-            if rung.name in earlier:
-                row = earlier[rung.name]
-                result["rungs"].append(row)
-                log(f"{rung.name}: kept from the earlier run in {out} ({row['status']})")
-                if row["trained"]:
-                    break
-                continue
+            if kept(rung):  # earlier rows are trained rungs: this variant is done
+                break
             pred = predict(rung, options.activation_checkpointing)
             need = pred["estimate_peak_bytes"] + (baseline or 0)
             fits, available = _fits(need, options, settle_s=60.0 if result["rungs"] and not result["rungs"][-1]["trained"] else 0.0)
@@ -469,9 +473,7 @@ def run_ladder(options: LadderOptions) -> dict[str, Any]:
     for rung in options.extra_rungs:
         rung = dataclasses.replace(rung, steps=options.steps, micro_batch=options.micro_batch,
                                    precision=options.precision)
-        if rung.name in earlier:
-            result["rungs"].append(earlier[rung.name])
-            log(f"{rung.name}: kept from the earlier run in {out} ({earlier[rung.name]['status']})")
+        if kept(rung):
             continue
         vae = any(o == "model.lowlevel=true" for o in rung.overrides)
         pred = predict(rung, options.activation_checkpointing, lowlevel_shape=[4, 64, 64] if vae else None)
