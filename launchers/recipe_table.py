@@ -68,7 +68,7 @@ def run_member(name: str, out: Path, args, overrides: list[str]) -> dict:
     ours, ridge, ceiling = res["retrieval"], res["baselines"]["ridge"], res.get("ceiling") or {}
     settings = member.settings()
     cfg_text = (run_dir / "config.yaml").read_text()
-    row = {"member": name, "role": member.role, **{k: settings[k] for k in settings if k != "n_train"},
+    row = {"member": name, "role": member.role, "blend": _blend(run_dir, res.get("checkpoint")), **{k: settings[k] for k in settings if k != "n_train"},
            "n_train": settings["n_train"], "checkpoint": res.get("checkpoint"),
            "ridge": [ridge["image_top1"], ridge["brain_top1"]], "ours": [ours["image_top1"], ours["brain_top1"]],
            "ceiling": [ceiling.get("image_top1"), ceiling.get("brain_top1")],
@@ -76,6 +76,17 @@ def run_member(name: str, out: Path, args, overrides: list[str]) -> dict:
            "train_min": train_s / 60, "total_min": (build_s + train_s + eval_s) / 60,
            "command": shlex.join(cmd), "config_sha": hashlib.sha256(cfg_text.encode()).hexdigest()[:12]}
     return row
+
+
+def _blend(run_dir: Path, tag) -> float | None:
+    """β of the evaluated checkpoint's ridge skip (model.ridge_skip_rank; None without one)."""
+    from mindeye_dist.checkpoint import model_states_file, safe_torch_load
+
+    if not tag:
+        return None
+    states = safe_torch_load(model_states_file(run_dir / "checkpoints" / str(tag)), mmap=True)["module"]
+    value = states.get("model.ridge_skip.blend")
+    return None if value is None else float(value)
 
 
 def member_reference(name: str) -> dict:
@@ -110,7 +121,7 @@ def _ratio(a, b) -> str:
 def markdown(rows: list[dict]) -> str:
     head = ("| member | voxels | informative | tokens | noise | voxel / target nonlin. | sessions | clusters | "
             "ridge img / brain | ours img / brain | knows-maps ref. img / brain | ceiling img / brain | ours ÷ ceiling | "
-            "beats ridge | train min |")
+            "beats ridge | ridge blend β | train min |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         beats = all(o >= g for o, g in zip(r["ours"], r["ridge"]))
@@ -121,7 +132,8 @@ def markdown(rows: list[dict]) -> str:
             f"{_pair(r.get('reference'))} | "
             f"{r['ceiling'][0]:.3f} / {r['ceiling'][1]:.3f} | "
             f"{_ratio(r['ours'][0], r['ceiling'][0])} / {_ratio(r['ours'][1], r['ceiling'][1])} | "
-            f"{'yes' if beats else 'NO'} | {r['train_min']:.1f} |")
+            f"{'yes' if beats else 'NO'} | {'-' if r.get('blend') is None else format(r['blend'], '.1f')} | "
+            f"{r['train_min']:.1f} |")
     if rows:
         import statistics
 

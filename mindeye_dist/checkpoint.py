@@ -461,7 +461,7 @@ def data_dims(meta: Any) -> dict[str, Any]:
             "lowlevel_shape": list(shape) if shape else None}
 
 
-def _model_states_file(tag_dir: Path) -> Path:
+def model_states_file(tag_dir: Path) -> Path:
     files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_mp_rank_00_...
     if not files:
         raise CheckpointError(f"{tag_dir} has no mp_rank_00_model_states.pt: not a DeepSpeed checkpoint directory. "
@@ -472,7 +472,7 @@ def _model_states_file(tag_dir: Path) -> Path:
 def checkpoint_param_shapes(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, tuple[int, ...]]:
     """{parameter name: full shape} as the checkpoint's model-states file records them (tensors
     memory-mapped, not read). Names are the engine module's (``model.`` prefix included)."""
-    states = safe_torch_load(_model_states_file(Path(ckpt_dir) / tag), mmap=True)
+    states = safe_torch_load(model_states_file(Path(ckpt_dir) / tag), mmap=True)
     if states.get("param_shapes"):  # ZeRO 1-3: one {name: shape} per parameter group
         shapes = {name: tuple(shape) for group in states["param_shapes"] for name, shape in group.items()}
         shapes.update({n: tuple(v) for n, v in (states.get("frozen_param_shapes") or {}).items()})
@@ -690,7 +690,7 @@ def consolidated_state_dict(ckpt_dir: str | os.PathLike, tag: Optional[str] = No
     if not any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         # zero_to_fp32 fails on ZeRO-0 checkpoints ('NoneType' object is not iterable in
         # parse_model_states): the module is saved whole, so read it directly.
-        state = safe_torch_load(_model_states_file(tag_dir))["module"]
+        state = safe_torch_load(model_states_file(tag_dir))["module"]
         return {k: v.float().clone() for k, v in state.items()}
     import sys
 

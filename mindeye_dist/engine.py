@@ -269,6 +269,26 @@ class DeepSpeedEngine:
             config.load_universal_checkpoint = before
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+        if universal:
+            self._load_buffers(Path(ckpt_dir) / tag)
+
+    def _load_buffers(self, tag_dir: Path) -> None:
+        """The module's buffers from ``tag_dir``'s model-states file. DeepSpeed 0.19.8's universal
+        load restores parameters from ``zero/`` and skips the module state dict, so buffers (the
+        ridge skip's fitted map, norm statistics) would stay as built: a run resumed on another
+        number of ranks would lose them."""
+        from mindeye_dist.checkpoint import model_states_file, safe_torch_load
+
+        buffers = dict(self.engine.module.named_buffers())
+        if not buffers:
+            return
+        saved = safe_torch_load(model_states_file(tag_dir), mmap=True)["module"]
+        missing = [name for name in buffers if name not in saved]
+        if missing:
+            raise RuntimeError(f"checkpoint {tag_dir} lacks the model's buffers {missing[:5]}")
+        with torch.no_grad():
+            for name, buf in buffers.items():
+                buf.copy_(saved[name].to(buf.dtype))
 
     def scheduler_state(self) -> dict[str, Any]:
         """The schedule's state and the hyperparameters it wrote into the optimizer's groups

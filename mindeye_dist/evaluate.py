@@ -479,12 +479,13 @@ def predict_split(model, data_cfg, split: str, batch_size: int = 300, meta=None)
     return np.concatenate(preds), np.concatenate(targets)
 
 
-def split_arrays(data_cfg, split: str, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(voxels averaged over repetitions and z-scored, targets) of a whole split, in row order."""
+def split_arrays(data_cfg, split: str, batch_size: int = 512, meta=None) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels averaged over repetitions and z-scored, targets) of a whole split, in row order
+    (``meta``: the dataset's, e.g. with a training subset applied; default: read from data.url)."""
     from mindeye_dist.data import build_eval_loader
 
     xs, ys = [], []
-    for batch in build_eval_loader(data_cfg, split, batch_size=batch_size):
+    for batch in build_eval_loader(data_cfg, split, batch_size=batch_size, meta=meta):
         xs.append(batch.voxels.numpy())
         ys.append(batch.targets.numpy())
     return np.concatenate(xs), np.concatenate(ys)

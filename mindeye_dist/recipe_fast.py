@@ -67,20 +67,34 @@ for v in variants:
     torch.manual_seed(0); rng = np.random.default_rng(0)
     t = Trainer(cfg, ModelDims(n_voxels=X.shape[-1], n_tokens=T.shape[1], token_dim=T.shape[2]))
     mode = cfg.data.train_reps
+    if getattr(t.model, "ridge_skip", None) is not None:
+        from mindeye_dist.models.ridge_skip import fit_ridge_skip
+        info = fit_ridge_skip(t.model.ridge_skip, (Xz[tr].mean(1), T[tr], Xva, Tva))
+        print(f"  {label:10s} ridge skip {info}", flush=True)
     def draw():
         rows = tr[rng.integers(0, len(tr), cfg.train.micro_batch_size)]
         if mode == "mean": x = Xz[rows].mean(1)
         else: x = Xz[rows, rng.integers(0, X.shape[1], len(rows))]
         return Batch(torch.from_numpy(x), torch.from_numpy(T[rows]), None, None, torch.zeros(len(rows), dtype=torch.long), torch.from_numpy(rows))
     every = max(1, steps // 10); best = (-1, -1, 0); t0 = time.time(); hist = []
-    for st in range(1, steps + 1):
-        t.step([draw() for _ in range(cfg.train.grad_accum_steps)])
+    for st in range(0, steps + 1):
+        if st:
+            t.step([draw() for _ in range(cfg.train.grad_accum_steps)])
         if st % every == 0 or st == steps:
             t.engine.module.eval()
+            skip = getattr(t.model, "ridge_skip", None)
             with torch.no_grad():
-                out = t.model(torch.from_numpy(Xva), 0)
+                if skip is None:
+                    pred = t.model(torch.from_numpy(Xva), 0).projector.float()
+                else:
+                    from mindeye_dist.models.ridge_skip import choose_blend, combine
+                    skip.blend.fill_(0.0); mlp = t.model(torch.from_numpy(Xva), 0).projector.float()
+                    skip.blend.fill_(1.0); rr = t.model(torch.from_numpy(Xva), 0).projector.float()
+                    beta, _, _ = choose_blend(mlp, rr, torch.from_numpy(Tva), way=way, loops=10, seed=0)
+                    skip.blend.fill_(beta); pred = combine(mlp, rr, beta)
             t.engine.module.train()
-            r = retrieval_accuracy(out.projector.float().numpy(), Tva, way=way, loops=10, seed=0)
+            r = retrieval_accuracy(pred.numpy(), Tva, way=way, loops=10, seed=0)
+            if skip is not None: r["image_top1"] = round(r["image_top1"], 3); print(f"    step {st} beta {beta}", flush=True)
             hist.append((st, round(r["image_top1"], 3), round(r["brain_top1"], 3)))
             if r["image_top1"] + r["brain_top1"] > best[0] + best[1]: best = (r["image_top1"], r["brain_top1"], st)
     print(f"  {label:10s} steps={steps} best {best[0]:.3f}/{best[1]:.3f}@{best[2]} last {hist[-1][1]:.3f}/{hist[-1][2]:.3f} "

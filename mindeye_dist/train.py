@@ -149,6 +149,35 @@ def _train_loader(cfg: ExperimentConfig, metas: list, skip_shards: tuple, rank: 
     return MultiSubjectLoader(loaders, width=max(m.n_voxels for m in metas))
 
 
+def _fit_ridge_skip(trainer: Trainer, cfg: ExperimentConfig, metas: list, rank: int) -> None:
+    """Fill the model's ridge skip (model.ridge_skip_rank) from the training split before step 0:
+    rank 0 reads the train and validation splits (repetitions averaged) and fits, every rank gets
+    the buffers by broadcast. A resumed run takes them from its checkpoint instead."""
+    from mindeye_dist.evaluate import split_arrays
+    from mindeye_dist.models.ridge_skip import fit_ridge_skip
+
+    module = trainer.model.ridge_skip
+    if len(metas) != 1:
+        raise ConfigError(f"model.ridge_skip_rank needs one dataset, this run has {len(metas)}; "
+                          f"set model.ridge_skip_rank=0")
+    meta = metas[0]
+    if cfg.data.val_split not in meta.splits or meta.splits[cfg.data.val_split].count < 2:
+        raise ConfigError(f"model.ridge_skip_rank chooses ridge's alpha on the validation split, and "
+                          f"{cfg.data.url} has no {cfg.data.val_split!r} split of >= 2 stimuli; "
+                          f"write one (prepare_data.py --val-fraction) or set model.ridge_skip_rank=0")
+    arrays = None
+    if rank == 0:
+        train_x, train_y = split_arrays(cfg.data, cfg.data.train_split, meta=meta)
+        val_x, val_y = split_arrays(cfg.data, cfg.data.val_split, meta=meta)
+        arrays = (train_x, train_y, val_x, val_y)
+    info = fit_ridge_skip(module, arrays, rank=rank, way=cfg.eval.retrieval_way, loops=cfg.eval.retrieval_loops,
+                          seed=cfg.run.seed)
+    if rank == 0:
+        log.info("ridge skip fitted on %d training stimuli: alpha %.4g, rank %d of %d (%.4f of the predictions' "
+                 "energy), validation top-1 image %.3f / brain %.3f", len(arrays[0]), info["alpha"], info["rank"],
+                 module.down.shape[1], info["energy_kept"], info["val_image_top1"], info["val_brain_top1"])
+
+
 def _improved(metric: str, value: float, best: Optional[float]) -> bool:
     if best is None:
         return True
@@ -273,6 +302,8 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
         best_tag = state.best_val.get("tag")
         if rank == 0 and best_tag and ckpt.read_best(ckpt_dir) != best_tag and (ckpt_dir / best_tag / ckpt.COMPLETE).is_file():
             ckpt.mark_best(ckpt_dir, best_tag)  # a kill between writing latest and best
+    if tag is None and getattr(trainer.model, "ridge_skip", None) is not None:
+        _fit_ridge_skip(trainer, cfg, metas, rank)
     state = trainer.state
     if rank == 0 and cfg.log.jsonl:
         # Steps after the checkpoint were logged by the run that died; they are about to be redone.
@@ -312,6 +343,19 @@ def _run(cfg: ExperimentConfig, reporter: Optional[Reporter], rank: int, world_s
     last: dict[str, Any] = {}
     stopped_early = selection.should_stop()  # a resumed run that had already stopped early
     saved_step = state.step if tag is not None else None
+    if tag is None and getattr(trainer.model, "ridge_skip", None) is not None and cfg.train.eval_every_steps:
+        # Step 0: ridge blended with the untrained MLP (β ~ 1, i.e. the ridge baseline) is a candidate
+        # for the best checkpoint, so the selected checkpoint is never below ridge's validation score.
+        with trainer.meter.excluded():
+            val = trainer.validate(metas)
+            if val:
+                is_best = selection.update(val, 0)
+                report(val, 0)
+                bar.print_line(0, val)
+                last.update(val)
+                if is_best and cfg.checkpoint.select == "best":
+                    trainer.save(ckpt_dir, cfg.checkpoint.keep_last, best=True)
+                    saved_step = 0
     preempted = False
     while state.step < total_steps and not stopped_early:
         beat()

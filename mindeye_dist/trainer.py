@@ -541,17 +541,37 @@ class Trainer:
         split = split or cfg.data.val_split
         if split not in meta.splits or meta.split(split).count == 0:
             return {}
-        preds, targets = self.embed(build_eval_loader(cfg.data, split, batch_size=cfg.eval.batch_size, meta=meta,
-                                                      skip_shards=self.skip_shards))
+        def rows():
+            return build_eval_loader(cfg.data, split, batch_size=cfg.eval.batch_size, meta=meta,
+                                     skip_shards=self.skip_shards)
+
+        skip = getattr(self.model, "ridge_skip", None)
+        extra: dict[str, float] = {}
+        if skip is None:
+            preds, targets = self.embed(rows())
+            way = min(cfg.eval.retrieval_way, len(preds))
+            res = retrieval_accuracy(preds, targets, way=way, loops=cfg.eval.retrieval_loops, seed=cfg.run.seed)
+        else:
+            # the MLP's and ridge's outputs, then the blend of the two this checkpoint will carry
+            from mindeye_dist.models.ridge_skip import choose_blend, combine
+
+            skip.blend.fill_(0.0)
+            mlp, targets = self.embed(rows())
+            skip.blend.fill_(1.0)
+            ridge, _ = self.embed(rows())
+            way = min(cfg.eval.retrieval_way, len(mlp))
+            beta, res, _ = choose_blend(mlp, ridge, targets, way=way, loops=cfg.eval.retrieval_loops, seed=cfg.run.seed)
+            skip.blend.fill_(beta)
+            preds = combine(mlp, ridge, beta)
+            extra["val/ridge_blend"] = beta
         self.engine.train()
-        way = min(cfg.eval.retrieval_way, len(preds))
-        res = retrieval_accuracy(preds, targets, way=way, loops=cfg.eval.retrieval_loops, seed=cfg.run.seed)
         temperature = self.loss_fn.schedule.temperature(cfg.train.max_steps)
         gen = torch.Generator().manual_seed(cfg.run.seed)
         subsets = [torch.randperm(len(preds), generator=gen)[:way] for _ in range(cfg.eval.retrieval_loops)]
         loss = sum(float(info_nce_loss(preds[i], targets[i], temperature)) for i in subsets) / len(subsets)
         return {"val/image_top1": res["image_top1"], "val/brain_top1": res["brain_top1"],
-                "val/retrieval_top1": 0.5 * (res["image_top1"] + res["brain_top1"]), "val/loss": loss, "val/way": way}
+                "val/retrieval_top1": 0.5 * (res["image_top1"] + res["brain_top1"]), "val/loss": loss, "val/way": way,
+                **extra}
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -71,6 +71,10 @@ class ModelConfig:
     gradients; null = preset's (off)."""
     projector_hidden_dim: Optional[int] = None
     """Width of the 3-layer retrieval projector (MindEye1 2048, MindEye2 = token dim); null = preset's."""
+    ridge_skip_rank: Optional[int] = None
+    """0 = off; k > 0: the retrieval output is projector(backbone(x)) + a closed-form ridge map
+    voxels -> targets of rank k, fitted on the training split before the first step and held fixed
+    (:mod:`mindeye_dist.models.ridge_skip`); single-subject models only; null = preset's (off)."""
     prior: Optional[bool] = None
     """Build the diffusion prior; null = preset's."""
     prior_depth: Optional[int] = None
@@ -124,7 +128,7 @@ class ModelConfig:
                     "lowlevel_map_channels", "lowlevel_feature_dim"):
             value = getattr(self, key)
             _check(value is None or (isinstance(value, int) and value > 0), key, value, "null or a positive integer")
-        for key in ("n_blocks", "lowlevel_n_blocks"):
+        for key in ("n_blocks", "lowlevel_n_blocks", "ridge_skip_rank"):
             value = getattr(self, key)
             _check(value is None or (isinstance(value, int) and value >= 0), key, value, "null or an integer >= 0")
         for key in ("dropout", "input_dropout", "prior_dropout", "lowlevel_dropout"):

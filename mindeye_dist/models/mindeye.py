@@ -20,6 +20,7 @@ from mindeye_dist.models.lowlevel import LowLevelHead
 from mindeye_dist.models.resolve import check_resolved, resolve_model_config
 from mindeye_dist.models.prior import DiffusionPrior, LayerNorm, PriorNetwork
 from mindeye_dist.models.projector import Projector
+from mindeye_dist.models.ridge_skip import RidgeSkip, combine
 from mindeye_dist.models.subjects import SubjectAdapters, SubjectIds, adapter_key_subject
 
 COMPONENTS = ("backbone", "projector", "prior", "lowlevel")
@@ -54,6 +55,9 @@ class MindEye(nn.Module):
         self.config = cfg
         self.backbone = Backbone(cfg)
         self.projector = Projector(cfg.token_dim, cfg.projector_hidden_dim)
+        self.ridge_skip = None
+        if cfg.ridge_skip_rank:
+            self.ridge_skip = RidgeSkip(cfg.input_voxels(), cfg.n_tokens, cfg.token_dim, cfg.ridge_skip_rank)
         self.prior = build_prior(cfg) if cfg.prior else None
         self.lowlevel = LowLevelHead(cfg) if cfg.lowlevel else None
 
@@ -70,7 +74,11 @@ class MindEye(nn.Module):
         whole batch or (B,) ids indexing the subject table (ignored by a single-subject model)."""
         hidden = self.backbone.hidden(voxels, subject)  # (B, h)
         tokens = self.backbone.tokens(hidden)  # (B, T, D)
-        out = MindEyeOutput(backbone=tokens, projector=self.projector(tokens))
+        projected = self.projector(tokens)
+        if self.ridge_skip is not None and not self.training:
+            # stacked with ridge at the validation-chosen blend (training trains the MLP alone)
+            projected = combine(projected, self.ridge_skip(voxels), self.ridge_skip.blend)
+        out = MindEyeOutput(backbone=tokens, projector=projected)
         if self.lowlevel is not None:
             source = voxels if self.lowlevel.from_voxels else hidden
             out.lowlevel, out.lowlevel_features = self.lowlevel(source, subject)

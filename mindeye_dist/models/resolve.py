@@ -85,6 +85,11 @@ def resolve_model_config(
     if cfg.output_tiles is None and values["output_tiles"] is not None:
         # a preset's tile count fits its own output width; on smaller data dims use at most one row per tile
         values["output_tiles"] = min(values["output_tiles"], values["n_tokens"] * values["token_dim"])
+    if values["ridge_skip_rank"] is None:
+        values["ridge_skip_rank"] = 0
+    if values["ridge_skip_rank"] and len(values["subjects"]) > 1:
+        raise _error(f"model.ridge_skip_rank={values['ridge_skip_rank']} needs a single-subject model, this one has "
+                     f"{len(values['subjects'])} subjects; set model.ridge_skip_rank=0")
     if values["lowlevel"] == "auto":
         values["lowlevel"] = values["lowlevel_shape"] is not None
     if values["lowlevel"] and values["lowlevel_shape"] is None:
