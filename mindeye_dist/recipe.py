@@ -25,6 +25,9 @@ commands and tables are in ``docs/recipe.md``):
 * **Batch.** 256 stimuli per optimizer step, fewer when the dataset is small (at most an eighth of
   the stimuli per step, so an epoch is ≥ 8 steps); split across the ranks the launcher started
   (``WORLD_SIZE``) and rounded so every rank gets whole micro-batches.
+* **Ridge stacked with the MLP** (``model.ridge_skip_rank``, :mod:`mindeye_dist.models.ridge_skip`):
+  rank 1024 whenever rank 0 can hold the training split for the closed-form fit (at most
+  :data:`RIDGE_SKIP_MAX_BYTES`; 40 sessions of NSD-sized 257x768 targets would not), else off.
 * **Temperature, learning rate, mixup, regularisation.** Fixed, not derived: see default.yaml,
   where each is justified.
 
@@ -45,6 +48,16 @@ TARGET_GLOBAL_BATCH = 256
 """Stimuli per optimizer step when the dataset has enough of them."""
 EVALS_PER_RUN = 12
 """Validations per run (checkpoint.select=best picks among them)."""
+RIDGE_SKIP_RANK = 1024
+"""Rank of the ridge map stacked with the MLP (model.ridge_skip_rank) when the data allow it."""
+RIDGE_SKIP_MAX_BYTES = 8 << 30
+"""Most host memory the ridge fit may take on rank 0 (see :func:`ridge_fit_bytes`)."""
+
+
+def ridge_fit_bytes(n_train: int, n_voxels: int, out_dim: int) -> int:
+    """Rank 0's memory for the ridge skip's fit: the training split in float32 (voxels and
+    targets) plus the float64 copy and centred copy of the voxels the SVD works on."""
+    return 4 * n_train * (n_voxels + out_dim) + 16 * n_train * n_voxels
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,15 @@ def derive(shape: DataShape, world_size: int = 1) -> tuple[dict[str, Any], dict[
                               f"{MAX_SAMPLES:,} samples -> {steps} steps of {step_samples}")
     every = max(10, steps // EVALS_PER_RUN)
     why["train.eval_every_steps"] = f"~{EVALS_PER_RUN} validations per run -> every {every} steps"
+    fit_bytes = ridge_fit_bytes(n, shape.n_voxels, shape.n_tokens * shape.token_dim)
+    ridge_rank = RIDGE_SKIP_RANK if fit_bytes <= RIDGE_SKIP_MAX_BYTES and shape.n_val >= 2 else 0
+    why["model.ridge_skip_rank"] = (
+        f"ridge stacked with the MLP, rank {RIDGE_SKIP_RANK}: its fit holds {fit_bytes / 2**30:.2f} GiB on rank 0"
+        if ridge_rank else
+        "off: no validation split to choose its alpha and blend on" if shape.n_val < 2 else
+        f"off: its fit would hold {fit_bytes / 2**30:.1f} GiB on rank 0 (> {RIDGE_SKIP_MAX_BYTES / 2**30:.0f} GiB)")
     settings: dict[str, Any] = {
-        "model": {"hidden_dim": hidden, "projector_hidden_dim": hidden},
+        "model": {"hidden_dim": hidden, "projector_hidden_dim": hidden, "ridge_skip_rank": ridge_rank},
         "train": {"micro_batch_size": micro, "max_steps": steps, "eval_every_steps": every,
                   "log_every_steps": max(1, min(50, every // 2))},
         "checkpoint": {"every_steps": every},

@@ -158,3 +158,14 @@ def test_knows_maps_reference_sees_what_the_data_allows():
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
     assert "| 0.810 / 0.790 |" in mod.markdown([row])
+
+
+def test_ridge_stacking_is_derived_where_rank_0_can_hold_the_fit():
+    small, why = recipe.derive(shape(5400), 2)
+    assert small["model"]["ridge_skip_rank"] == recipe.RIDGE_SKIP_RANK and "GiB" in why["model.ridge_skip_rank"]
+    nsd = recipe.DataShape(n_train=9000, n_voxels=15724, n_tokens=257, token_dim=768, reps=3, n_val=300)
+    assert recipe.ridge_fit_bytes(9000, 15724, 257 * 768) > recipe.RIDGE_SKIP_MAX_BYTES
+    big, why = recipe.derive(nsd, 2)
+    assert big["model"]["ridge_skip_rank"] == 0 and why["model.ridge_skip_rank"].startswith("off")
+    no_val, why = recipe.derive(shape(5400, n_val=0), 2)
+    assert no_val["model"]["ridge_skip_rank"] == 0 and "validation" in why["model.ridge_skip_rank"]
