@@ -72,9 +72,11 @@ class ModelConfig:
     projector_hidden_dim: Optional[int] = None
     """Width of the 3-layer retrieval projector (MindEye1 2048, MindEye2 = token dim); null = preset's."""
     ridge_skip_rank: Optional[int] = None
-    """0 = off; k > 0: the retrieval output is projector(backbone(x)) + a closed-form ridge map
-    voxels -> targets of rank k, fitted on the training split before the first step and held fixed
-    (:mod:`mindeye_dist.models.ridge_skip`); single-subject models only; null = preset's (off)."""
+    """0 = off; k > 0: closed-form ridge voxels -> targets of rank k, fitted on the training split
+    before the first step and stacked with the MLP: in eval mode the retrieval output is
+    β·ridge + (1−β)·MLP (unit-normalised), β chosen on the validation split at every validation
+    (:mod:`mindeye_dist.models.ridge_skip`); single-subject models only; null = preset's (off;
+    ``recipe: auto`` derives 1024 where rank 0 can hold the fit)."""
     prior: Optional[bool] = None
     """Build the diffusion prior; null = preset's."""
     prior_depth: Optional[int] = None
