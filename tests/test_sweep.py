@@ -299,3 +299,18 @@ def test_the_placement_group_of_a_stopped_trial_is_released(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
                           cwd=REPO)
     assert "RESULT 1 REMOVED 0 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_sweep_trials_fit_the_networks_own_loss_without_ridge_stacking(tmp_path):
+    """recipe: auto derives ridge stacking for default.yaml; a sweep's trials leave it off (the
+    scaling report fits the network's validation loss), unless the sweep turns it on."""
+    from mindeye_dist.config import load_config
+    from mindeye_dist.data import build_synthetic_dataset
+    from mindeye_dist.sweep.plan import base_config
+
+    data = tmp_path / "tiny"
+    build_synthetic_dataset("tiny", str(data), seed=1, progress=False)
+    assert load_config(str(REPO / "launchers/configs/default.yaml"), [f"data.url={data}"]).model.ridge_skip_rank > 0
+    sweep = load_sweep_config(SWEEPS / "scaling_cpu.yaml")
+    assert base_config(sweep, str(data)).model.ridge_skip_rank == 0
+    assert base_config(sweep, str(data), ["model.ridge_skip_rank=16"]).model.ridge_skip_rank == 16

@@ -92,13 +92,17 @@ class SweepPlan:
 
 
 def base_config(sweep: SweepConfig, data_url: str, extra: Optional[list[str]] = None) -> ExperimentConfig:
-    """The experiment config a trial starts from (base YAML < base overrides < ``extra``)."""
+    """The experiment config a trial starts from (base YAML < base overrides < ``extra``).
+
+    Ridge stacking (``model.ridge_skip_rank``, which ``recipe: auto`` derives) is off unless the
+    sweep's overrides turn it on: a trial's validation loss is what the scaling report fits, and
+    a blend with a closed-form ridge map that is the same at every model size is not the network's."""
     from mindeye_dist.ds_config import find_ds_config
 
     path = Path(sweep.base.config)
     if not path.is_file() and (REPO_ROOT / path).is_file():
         path = REPO_ROOT / path
-    overrides = [*sweep.base.overrides, f"data.url={data_url}", f"run.ds_config={find_ds_config(sweep.base.ds_config)}",
+    overrides = ["model.ridge_skip_rank=0", *sweep.base.overrides, f"data.url={data_url}", f"run.ds_config={find_ds_config(sweep.base.ds_config)}",
                  *([f"data.s3_endpoint={sweep.data.s3_endpoint}"] if sweep.data.s3_endpoint else []), *(extra or [])]
     try:
         return load_config(path, overrides)
