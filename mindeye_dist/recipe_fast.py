@@ -76,7 +76,7 @@ for v in variants:
         if mode == "mean": x = Xz[rows].mean(1)
         else: x = Xz[rows, rng.integers(0, X.shape[1], len(rows))]
         return Batch(torch.from_numpy(x), torch.from_numpy(T[rows]), None, None, torch.zeros(len(rows), dtype=torch.long), torch.from_numpy(rows))
-    every = max(1, steps // 10); best = (-1, -1, 0); t0 = time.time(); hist = []
+    every = max(1, steps // 10); best = (-1, -1, 0); t0 = time.time(); hist = []; ridge_va = None
     for st in range(0, steps + 1):
         if st:
             t.step([draw() for _ in range(cfg.train.grad_accum_steps)])
@@ -87,14 +87,13 @@ for v in variants:
                 if skip is None:
                     pred = t.model(torch.from_numpy(Xva), 0).projector.float()
                 else:
-                    from mindeye_dist.models.ridge_skip import choose_blend, combine
-                    skip.blend.fill_(0.0); mlp = t.model(torch.from_numpy(Xva), 0).projector.float()
-                    skip.blend.fill_(1.0); rr = t.model(torch.from_numpy(Xva), 0).projector.float()
-                    beta, _, _ = choose_blend(mlp, rr, torch.from_numpy(Tva), way=way, loops=10, seed=0)
-                    skip.blend.fill_(beta); pred = combine(mlp, rr, beta)
+                    from mindeye_dist.models.ridge_skip import validate_blend
+                    choice = validate_blend(skip, lambda: (t.model(torch.from_numpy(Xva), 0).projector.float(),
+                                                           torch.from_numpy(Tva)), way=way, loops=10, seed=0, ridge=ridge_va)
+                    ridge_va, beta, pred = choice.ridge, choice.beta, choice.preds
             t.engine.module.train()
             r = retrieval_accuracy(pred.numpy(), Tva, way=way, loops=10, seed=0)
-            if skip is not None: r["image_top1"] = round(r["image_top1"], 3); print(f"    step {st} beta {beta}", flush=True)
+            if skip is not None: print(f"    step {st} beta {beta}", flush=True)
             hist.append((st, round(r["image_top1"], 3), round(r["brain_top1"], 3)))
             if r["image_top1"] + r["brain_top1"] > best[0] + best[1]: best = (r["image_top1"], r["brain_top1"], st)
     print(f"  {label:10s} steps={steps} best {best[0]:.3f}/{best[1]:.3f}@{best[2]} last {hist[-1][1]:.3f}/{hist[-1][2]:.3f} "

@@ -340,6 +340,7 @@ class Trainer:
 
         self.cfg, self.dims = cfg, dims
         self.skip_shards = tuple(skip_shards)  # found missing or short at start (data.on_corrupt=skip)
+        self._ridge_val: dict[tuple, torch.Tensor] = {}  # ridge skip's validation outputs, per split
         self.rank, self.world_size, self.device = rank, world_size, device
         self.faults, self.timer = faults, timer or PhaseTimer()
         if ds_config is None:
@@ -552,17 +553,19 @@ class Trainer:
             way = min(cfg.eval.retrieval_way, len(preds))
             res = retrieval_accuracy(preds, targets, way=way, loops=cfg.eval.retrieval_loops, seed=cfg.run.seed)
         else:
-            # the MLP's and ridge's outputs, then the blend of the two this checkpoint will carry
-            from mindeye_dist.models.ridge_skip import choose_blend, combine
+            # the MLP's and ridge's outputs, then the blend of the two this checkpoint will carry;
+            # ridge's outputs on a split are fixed once its buffers are, so they are embedded once
+            from mindeye_dist.data.multi import subject_name
+            from mindeye_dist.models.ridge_skip import validate_blend
 
-            skip.blend.fill_(0.0)
-            mlp, targets = self.embed(rows())
-            skip.blend.fill_(1.0)
-            ridge, _ = self.embed(rows())
-            way = min(cfg.eval.retrieval_way, len(mlp))
-            beta, res, _ = choose_blend(mlp, ridge, targets, way=way, loops=cfg.eval.retrieval_loops, seed=cfg.run.seed)
-            skip.blend.fill_(beta)
-            preds = combine(mlp, ridge, beta)
+            key = (subject_name(meta), split, skip.fingerprint())
+            choice = validate_blend(skip, lambda: self.embed(rows()), way=cfg.eval.retrieval_way,
+                                    loops=cfg.eval.retrieval_loops, seed=cfg.run.seed,
+                                    ridge=self._ridge_val.get(key))
+            self._ridge_val = {k: v for k, v in self._ridge_val.items() if k[2] == key[2]}  # refitted: stale
+            self._ridge_val[key] = choice.ridge
+            beta, res, preds, targets = choice.beta, choice.metrics, choice.preds, choice.targets
+            way = min(cfg.eval.retrieval_way, len(preds))
             extra["val/ridge_blend"] = beta
         self.engine.train()
         temperature = self.loss_fn.schedule.temperature(cfg.train.max_steps)

@@ -21,12 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    from mindeye_dist.data import build_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("ridge_skip") / "tiny"
-    build_synthetic_dataset("tiny", str(out), seed=3, progress=False)
-    return str(out)
+def tiny(tiny_dataset) -> str:
+    return tiny_dataset(3)
 
 
 def _linear_world(n, v, d, seed=0, noise=2.0):
@@ -113,6 +109,35 @@ def test_choose_blend_picks_the_side_that_retrieves():
     beta, res, scores = choose_blend(a, b, targets, way=60, loops=5, seed=0)
     ends = max(0.5 * (s["image_top1"] + s["brain_top1"]) for s in scores if s["beta"] in (0.0, 1.0))
     assert 0.0 < beta < 1.0 and 0.5 * (res["image_top1"] + res["brain_top1"]) > ends
+
+
+def test_validate_blend_embeds_ridge_once_and_leaves_the_chosen_beta():
+    from mindeye_dist.models.ridge_skip import combine, validate_blend
+
+    x, y, xv, yv = _linear_world(200, 30, 16, seed=4)
+    cfg = ModelConfig(preset="tiny", hidden_dim=16, ridge_skip_rank=4, prior=False, lowlevel=False)
+    model = build_model(cfg, n_voxels=30, n_tokens=2, token_dim=8).eval()
+    before = model.ridge_skip.fingerprint()
+    load_factors(model.ridge_skip, ridge_skip_factors(x, y, xv, yv, rank=4))
+    assert model.ridge_skip.fingerprint() != before  # a fit changes the cache key ...
+    fitted = model.ridge_skip.fingerprint()
+    model.ridge_skip.blend.fill_(0.3)
+    assert model.ridge_skip.fingerprint() == fitted  # ... choosing β does not
+    xv_t, yv_t = torch.from_numpy(xv).float(), torch.from_numpy(yv).float().reshape(-1, 2, 8)
+    blends = []
+
+    def embed():
+        blends.append(float(model.ridge_skip.blend))
+        with torch.no_grad():
+            return model(xv_t, 0).projector.float(), yv_t
+
+    first = validate_blend(model.ridge_skip, embed, way=80, loops=3, seed=0)
+    assert blends == [0.0, 1.0] and float(model.ridge_skip.blend) == first.beta
+    # ridge's rows are what the model outputs at β = 1, and the blend is the model's eval output at β
+    assert torch.allclose(first.preds, combine(embed()[0], first.ridge, first.beta), atol=1e-5)
+    blends.clear()
+    again = validate_blend(model.ridge_skip, embed, way=80, loops=3, seed=0, ridge=first.ridge)
+    assert blends == [0.0] and again.beta == first.beta and torch.allclose(again.preds, first.preds)
 
 
 def test_ridge_skip_refuses_a_multi_subject_model():

@@ -33,7 +33,7 @@ directions of ``M``: ``down = V diag(1/s) P_k`` (voxels x k) and ``up = Σ_k Q_k
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -65,6 +65,12 @@ class RidgeSkip(nn.Module):
         y = (x - self.in_mean) @ self.down @ self.up + self.out_mean
         return y.reshape(x.shape[0], self.n_tokens, self.token_dim)
 
+    @torch.no_grad()
+    def fingerprint(self) -> tuple[float, ...]:
+        """Changes when a fit or a checkpoint load changes the map (not with β): a cache key for
+        outputs that depend only on the map."""
+        return tuple(float(b.double().sum()) for b in (self.in_mean, self.down, self.up, self.out_mean))
+
 
 def combine(mlp: torch.Tensor, ridge: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
     """``β · ridge/|ridge| + (1 − β) · mlp/|mlp|``, norms over each sample's flattened output."""
@@ -92,6 +98,53 @@ def choose_blend(mlp: torch.Tensor, ridge: torch.Tensor, targets: torch.Tensor, 
     return best[1], best[2], scores
 
 
+class BlendChoice(NamedTuple):
+    """What :func:`validate_blend` chose and the predictions behind it."""
+
+    beta: float
+    metrics: dict[str, float]  # retrieval_accuracy of the blend at β
+    preds: torch.Tensor  # the blended validation predictions (what the checkpoint's eval mode outputs)
+    targets: torch.Tensor
+    ridge: torch.Tensor  # ridge's own validation predictions: fixed once fitted, pass back next time
+
+
+def validate_blend(skip: RidgeSkip, embed: Callable[[], tuple[torch.Tensor, torch.Tensor]], way: int, loops: int,
+                   seed: int, ridge: Optional[torch.Tensor] = None) -> BlendChoice:
+    """Choose β on a validation split and leave it in ``skip.blend``.
+
+    ``embed()`` returns (predictions, targets) of the model in eval mode under its current blend.
+    It runs once with β = 0 (the MLP alone) and, unless ``ridge`` already holds ridge's predictions
+    on the same rows (they cannot change after the fit), once more with β = 1."""
+    skip.blend.fill_(0.0)
+    mlp, targets = embed()
+    if ridge is None:
+        skip.blend.fill_(1.0)
+        ridge, _ = embed()
+    way = min(way, len(mlp))
+    beta, metrics, _ = choose_blend(mlp, ridge, targets, way=way, loops=loops, seed=seed)
+    skip.blend.fill_(beta)
+    return BlendChoice(beta, metrics, combine(mlp, ridge, beta), targets, ridge)
+
+
+def _top_singular(m: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Singular values of ``m`` (descending, all of them) and its top-``k`` left and right singular
+    vectors ``P_k`` (r, k), ``Q_k`` (d, k) through the Gram matrix of its short side (``m`` is
+    r x d with r, the ridge rank, up to n_train and d up to tokens x dim: never the full SVD).
+    ``k = min(rank, numerical rank)``."""
+    short_is_rows = m.shape[0] <= m.shape[1]
+    lam, vec = np.linalg.eigh(m @ m.T if short_is_rows else m.T @ m)
+    lam, vec = lam[::-1], vec[:, ::-1]
+    sig = np.sqrt(np.clip(lam, 0.0, None))
+    k = int(min(rank, int(np.sum(sig > sig[0] * 1e-7)) if sig.size else 0))
+    if short_is_rows:  # vec = P;  Q_k = Mᵀ P_k Σ_k⁻¹
+        p = vec[:, :k]
+        q = (m.T @ p) / np.where(sig[:k] > 0, sig[:k], 1.0)
+    else:  # vec = Q;  P_k = M Q_k Σ_k⁻¹
+        q = vec[:, :k]
+        p = (m @ q) / np.where(sig[:k] > 0, sig[:k], 1.0)
+    return sig, p, q, k
+
+
 def ridge_skip_factors(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, rank: int,
                        way: int = 300, loops: int = 10, seed: int = 0) -> dict[str, Any]:
     """Fit ridge (α on the validation rows by retrieval) and factor it to ``rank``.
@@ -104,23 +157,9 @@ def ridge_skip_factors(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarr
     fit = ridge_baseline(train_x, train_y, val_x, val_y, way=min(way, len(val_x)), loops=loops, seed=seed)
     s = fit.singular_values
     m = (s * fit.shrinkage())[:, None] * fit.projected_targets.astype(np.float64)  # (r, d)
-    # SVD of M through the Gram of its short side
-    if m.shape[0] <= m.shape[1]:
-        lam, p = np.linalg.eigh(m @ m.T)
-        lam, p = lam[::-1], p[:, ::-1]
-        sig = np.sqrt(np.clip(lam, 0.0, None))
-        k = int(min(rank, int(np.sum(sig > sig[0] * 1e-7)) if sig.size else 0))
-        down = fit.components.T @ (p[:, :k] / s[:, None])  # (V, k)
-        up = p[:, :k].T @ m  # (k, d) = Σ_k Q_kᵀ
-    else:
-        lam, q = np.linalg.eigh(m.T @ m)
-        lam, q = lam[::-1], q[:, ::-1]
-        sig = np.sqrt(np.clip(lam, 0.0, None))
-        k = int(min(rank, int(np.sum(sig > sig[0] * 1e-7)) if sig.size else 0))
-        # M Q_k = P_k Σ_k  ->  down = V diag(1/s) M Q_k Σ_k⁻¹, up = Σ_k Q_kᵀ
-        mq = m @ q[:, :k]
-        down = fit.components.T @ ((mq / s[:, None]) / sig[:k])
-        up = sig[:k, None] * q[:, :k].T
+    sig, p, q, k = _top_singular(m, rank)
+    down = fit.components.T @ (p / s[:, None])  # (V, k) = V diag(1/s) P_k
+    up = sig[:k, None] * q.T  # (k, d) = Σ_k Q_kᵀ
     energy = float(np.sum(sig[:k] ** 2) / max(np.sum(sig ** 2), 1e-300))
     n_vox, d = fit.x_mean.shape[0], fit.y_mean.shape[0]
     down_full = np.zeros((n_vox, rank), dtype=np.float32)
