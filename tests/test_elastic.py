@@ -43,12 +43,8 @@ model); deepspeed's launch.py SIGKILLs ranks that have not exited 30 s after for
 
 
 @pytest.fixture(scope="module")
-def data_url(tmp_path_factory) -> str:
-    from mindeye_dist.data import build_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    build_synthetic_dataset("tiny", str(out), seed=3, progress=False)
-    return str(out)
+def data_url(tiny_dataset) -> str:
+    return tiny_dataset(3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,12 +17,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def data_url(tmp_path_factory) -> str:
-    from mindeye_dist.data import build_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    build_synthetic_dataset("tiny", str(out), seed=5, progress=False)
-    return str(out)
+def data_url(tiny_dataset) -> str:
+    return tiny_dataset(5)
 
 
 def test_bf16_zero0_nan_on_one_rank_is_skipped_by_both(tmp_path, data_url):

@@ -26,12 +26,8 @@ GUARD_S = 240
 
 
 @pytest.fixture(scope="module")
-def data_url(tmp_path_factory) -> str:
-    from mindeye_dist.data import build_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    build_synthetic_dataset("tiny", str(out), seed=4, progress=False)
-    return str(out)
+def data_url(tiny_dataset) -> str:
+    return tiny_dataset(4)
 
 
 def _env(**extra) -> dict:

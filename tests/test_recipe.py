@@ -49,15 +49,11 @@ def test_no_validation_split_means_last_checkpoint_and_no_validation():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    from mindeye_dist.data import build_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("recipe") / "tiny"
-    build_synthetic_dataset("tiny", str(out), seed=1, progress=False)
-    return str(out)
+def tiny(tiny_dataset) -> str:
+    return tiny_dataset(1)
 
 
-def test_default_yaml_derives_from_the_data_and_explicit_keys_win(tiny):
+def test_default_yaml_derives_from_the_data_and_explicit_keys_win(tiny, tmp_path):
     from mindeye_dist.data import read_meta
 
     meta = read_meta(tiny)
@@ -75,7 +71,7 @@ def test_default_yaml_derives_from_the_data_and_explicit_keys_win(tiny):
     # the saved (resolved) config reloads to the same values whatever the world size
     from mindeye_dist.config import dump_config
 
-    saved = Path(tiny).parent / "saved.yaml"
+    saved = tmp_path / "saved.yaml"
     dump_config(cfg, saved)
     assert load_config(saved, world_size=8) == cfg
 

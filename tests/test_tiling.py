@@ -306,12 +306,8 @@ def test_zero3_gathers_one_tile_at_a_time(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> str:
-    from mindeye_dist.data import build_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    build_synthetic_dataset("tiny", str(out), seed=3, progress=False)
-    return str(out)
+def tiny_data(tiny_dataset) -> str:
+    return tiny_dataset(3)
 
 
 def _metrics(run: Path) -> dict[int, float]:

@@ -28,12 +28,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def data_url(tmp_path_factory) -> str:
-    from mindeye_dist.data import build_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    build_synthetic_dataset("tiny", str(out), seed=3, progress=False)
-    return str(out)
+def data_url(tiny_dataset) -> str:
+    return tiny_dataset(3)
 
 
 def launch(run_dir, data_url, *overrides, stage=2, faults="", launcher="deepspeed", ds_config=None, timeout=300):

@@ -21,12 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data_url(tmp_path_factory) -> str:
-    from mindeye_dist.data import build_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    build_synthetic_dataset("tiny", str(out), seed=1, progress=False)
-    return str(out)
+def data_url(tiny_dataset) -> str:
+    return tiny_dataset(1)
 
 
 def _train(run_dir, data_url, *overrides):
