@@ -462,3 +462,54 @@ def test_checkpointed_activation_elements_by_hand():
 
     # outside 8 + inputs 3 + 8 + largest unit: big's 2x10 + 2x4 = 28
     assert checkpointed_activation_elements(model, run) == 8 + 3 + 8 + 28
+
+
+def test_cpu_estimate_counts_what_attentions_math_path_keeps_for_the_backward():
+    """On the CPU, SDPA with the prior's float mask keeps the attention weights twice (before and
+    after the softmax): counted with sdpa_math, exactly what autograd saves, once per prior layer."""
+    from mindeye_dist.estimate import estimate_memory
+    from mindeye_dist.models.prior import Attention
+
+    attn = Attention(dim=32, heads=3, dim_head=4)  # dim_head differs from the key count (8)
+    x, bias = torch.randn(2, 7, 32), torch.randn(3, 7, 8)
+    square = []  # saved tensors whose last two dims are (queries, keys)
+
+    def pack(t):
+        if t.dim() >= 2 and tuple(t.shape[-2:]) == (7, 8):
+            square.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn(x, bias).sum()
+    assert sum(square) == attn.math_saved_elements(x) == 2 * 2 * 3 * 7 * 8
+
+    # the whole tiny model on the CPU: the estimate's extra is what autograd saves in its prior
+    from mindeye_dist.estimate import measure_activation_elements
+
+    dims = {k: v for k, v in TINY.items() if k != "lowlevel_shape"}
+    cfg = ModelConfig(preset="tiny", lowlevel=False, prior_depth=2, prior_dim_head=4)  # head dim != key count
+    model = build_model(cfg, **dims).train()
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    lengths = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inp: lengths.append(inp[0].shape[1])) for m in layers]
+    square.clear()
+
+    def pack_model(t):
+        if t.dim() >= 3 and lengths and tuple(t.shape[-2:]) == (lengths[-1], lengths[-1] + 1):
+            square.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_model, lambda t: t):
+        out = model(torch.randn(4, dims["n_voxels"]), subject=0)
+        model.prior.loss(out.backbone, torch.randn(4, dims["n_tokens"], dims["token_dim"]))
+    for h in hooks:
+        h.remove()
+    assert len(layers) == len(lengths) == 2 and len(square) == 4
+    extra = measure_activation_elements(model, 4, "cpu", sdpa_math=True) - measure_activation_elements(model, 4, "cpu")
+    assert extra == sum(square)
+    with torch.device("meta"):
+        meta = build_model(cfg, **dims)
+    gpu = estimate_memory(meta, micro_batch_size=4, precision="fp32")
+    cpu = estimate_memory(meta, micro_batch_size=4, precision="fp32", sdpa_math=True)
+    assert cpu["activations_bytes"] - gpu["activations_bytes"] == 4 * sum(square)
+    assert cpu["sdpa_math"] and not gpu["sdpa_math"]

@@ -184,6 +184,14 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * dim_head, bias=False)  # multi-query: one K/V head for all
         self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim, bias=False), LayerNorm(dim))
 
+    def math_saved_elements(self, x: torch.Tensor) -> int:
+        """Elements ``scaled_dot_product_attention``'s math path keeps for the backward beyond this
+        module's leaf outputs: two (batch, heads, queries, keys) tensors, the attention weights
+        before and after the softmax. torch takes that path on the CPU for this float-mask attention
+        (fused GPU kernels keep neither); :mod:`mindeye_dist.estimate` counts it for CPU runs."""
+        b, n = x.shape[0], x.shape[1]
+        return 2 * b * self.heads * n * (n + 1)  # keys: the null key + n
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         x = self.norm(x)
