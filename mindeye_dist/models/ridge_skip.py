@@ -136,12 +136,13 @@ def _top_singular(m: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.
     lam, vec = lam[::-1], vec[:, ::-1]
     sig = np.sqrt(np.clip(lam, 0.0, None))
     k = int(min(rank, int(np.sum(sig > sig[0] * 1e-7)) if sig.size else 0))
+    # the k kept singular values are all > sig[0] * 1e-7 > 0, so dividing by them is safe
     if short_is_rows:  # vec = P;  Q_k = Mᵀ P_k Σ_k⁻¹
         p = vec[:, :k]
-        q = (m.T @ p) / np.where(sig[:k] > 0, sig[:k], 1.0)
+        q = (m.T @ p) / sig[:k]
     else:  # vec = Q;  P_k = M Q_k Σ_k⁻¹
         q = vec[:, :k]
-        p = (m @ q) / np.where(sig[:k] > 0, sig[:k], 1.0)
+        p = (m @ q) / sig[:k]
     return sig, p, q, k
 
 
