@@ -49,13 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="samples per rank per step (default: the DeepSpeed config's number, else 32)")
     parser.add_argument("--precision", choices=sorted(STATE_BYTES),
                         help="training precision (default: the DeepSpeed config's, else bf16)")
-    parser.add_argument("--cpu", action="store_true",
-                        help="the run trains on CPUs: count the attention weights the prior's attention keeps there "
-                             "(SDPA's math path; GPU kernels keep none)")
     parser.add_argument("overrides", nargs="*", help="model key=value overrides, e.g. hidden_dim=1024")
     args = parser.parse_args(argv)
     memory_flags = {"--gpus-per-node": args.gpus_per_node, "--micro-batch-size": args.micro_batch_size,
-                    "--precision": args.precision, "--cpu": args.cpu or None}
+                    "--precision": args.precision}
     wants_memory = args.world_size is not None or args.ds_config is not None
     stray = [flag for flag, value in memory_flags.items() if value is not None]
     if stray and not wants_memory:
@@ -70,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             result = estimate(cfg, flops=not args.no_flops, ds_config=ds_config, world_size=args.world_size,
                               gpus_per_node=args.gpus_per_node, micro_batch_size=args.micro_batch_size,
-                              precision=args.precision, sdpa_math=args.cpu)
+                              precision=args.precision)
     except (ConfigError, DSConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

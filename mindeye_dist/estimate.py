@@ -257,7 +257,7 @@ def estimate(cfg: ModelConfig, *, n_voxels: Optional[int] = None, n_tokens: Opti
              subjects: Optional[dict[str, int]] = None, flops: bool = True, batch_size: int = 2,
              ds_config: Optional[dict[str, Any]] = None, world_size: Optional[int] = None,
              gpus_per_node: Optional[int] = None, micro_batch_size: Optional[int] = None,
-             precision: Optional[str] = None, sdpa_math: bool = False) -> dict[str, Any]:
+             precision: Optional[str] = None) -> dict[str, Any]:
     """Counts for ``cfg`` at the given data dims (else the preset's fixed or nominal dims).
 
     ``memory`` is added when ``world_size`` or ``ds_config`` is given (see :func:`estimate_memory`).
@@ -277,7 +277,7 @@ def estimate(cfg: ModelConfig, *, n_voxels: Optional[int] = None, n_tokens: Opti
     if ds_config is not None or world_size is not None:
         result["memory"] = estimate_memory(model, ds_config=ds_config, world_size=world_size,
                                            gpus_per_node=gpus_per_node, micro_batch_size=micro_batch_size,
-                                           precision=precision, sdpa_math=sdpa_math)
+                                           precision=precision)
     return result
 
 
@@ -308,31 +308,16 @@ def _float_elements(out: Any) -> int:
     return 0
 
 
-def _math_attention_hooks(module: torch.nn.Module, count) -> list:
-    """Forward hooks that pass ``count`` what SDPA's math path keeps inside each module that
-    reports it (``math_saved_elements(input)``: the prior's attention)."""
-    def hook(mod, inputs, _output) -> None:
-        count(mod.math_saved_elements(inputs[0]))
-
-    return [m.register_forward_hook(hook) for m in module.modules() if hasattr(m, "math_saved_elements")]
-
-
-def leaf_output_elements(module: torch.nn.Module, run, sdpa_math: bool = False) -> int:
+def leaf_output_elements(module: torch.nn.Module, run) -> int:
     """Sum of the floating-point output elements of every leaf module of ``module`` (one per call)
-    while ``run()`` executes; ``sdpa_math``: plus what attention's math path keeps
-    (:func:`_math_attention_hooks`)."""
+    while ``run()`` executes."""
     total = 0
 
-    def add(n: int) -> None:
-        nonlocal total
-        total += n
-
     def hook(_mod, _inputs, output) -> None:
-        add(_float_elements(output))
+        nonlocal total
+        total += _float_elements(output)
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if next(m.children(), None) is None]
-    if sdpa_math:
-        handles += _math_attention_hooks(module, add)
     try:
         run()
     finally:
@@ -341,7 +326,7 @@ def leaf_output_elements(module: torch.nn.Module, run, sdpa_math: bool = False) 
     return total
 
 
-def checkpointed_activation_elements(module: torch.nn.Module, run, sdpa_math: bool = False) -> int:
+def checkpointed_activation_elements(module: torch.nn.Module, run) -> int:
     """Elements kept for the backward by one forward (``run()``) when the modules marked as
     activation-checkpoint units (:data:`mindeye_dist.models.layers.CHECKPOINT_UNIT_ATTR`) recompute
     theirs: leaf outputs outside every unit, plus each unit's floating-point inputs (what
@@ -352,7 +337,7 @@ def checkpointed_activation_elements(module: torch.nn.Module, run, sdpa_math: bo
 
     units = [m for m in module.modules() if getattr(m, CHECKPOINT_UNIT_ATTR, False)]
     if not units:
-        return leaf_output_elements(module, run, sdpa_math)
+        return leaf_output_elements(module, run)
     outside, inputs, largest = 0, 0, 0
     current: list[int] = []  # the running count of the unit being run (at most one: units do not nest)
     held: dict[int, torch.Tensor] = {}  # unit inputs by id, kept alive so ids are not reused
@@ -372,23 +357,19 @@ def checkpointed_activation_elements(module: torch.nn.Module, run, sdpa_math: bo
         nonlocal largest
         largest = max(largest, current.pop())
 
-    def kept(n: int) -> None:
+    def leaf(_mod, _inputs, output) -> None:
         nonlocal outside
+        n = _float_elements(output)
         if current:
             current[-1] += n
         else:
             outside += n
-
-    def leaf(_mod, _inputs, output) -> None:
-        kept(_float_elements(output))
-        if not current and isinstance(output, torch.Tensor):
-            held[id(output)] = output
+            if isinstance(output, torch.Tensor):
+                held[id(output)] = output
 
     handles = [u.register_forward_pre_hook(unit_pre) for u in units]
     handles += [u.register_forward_hook(unit_post) for u in units]
     handles += [m.register_forward_hook(leaf) for m in module.modules() if next(m.children(), None) is None]
-    if sdpa_math:
-        handles += _math_attention_hooks(module, kept)
     try:
         run()
     finally:
@@ -397,8 +378,7 @@ def checkpointed_activation_elements(module: torch.nn.Module, run, sdpa_math: bo
     return outside + inputs + largest
 
 
-def measure_activation_elements(model: MindEye, batch_size: int, device: str | torch.device = "meta",
-                                sdpa_math: bool = False) -> int:
+def measure_activation_elements(model: MindEye, batch_size: int, device: str | torch.device = "meta") -> int:
     """Activation elements one training forward at ``batch_size`` keeps for its backward (model
     forward with every head plus the prior's loss, the forward half of :func:`measure_step_flops`'
     step): leaf-module outputs, or with activation checkpointing
@@ -414,13 +394,13 @@ def measure_activation_elements(model: MindEye, batch_size: int, device: str | t
             if model.prior is not None:
                 model.prior.loss(out.backbone, targets)
 
-    return checkpointed_activation_elements(model, forward, sdpa_math)
+    return checkpointed_activation_elements(model, forward)
 
 
-def activation_elements(model: MindEye, device: str | torch.device = "meta", sdpa_math: bool = False) -> tuple[int, int]:
+def activation_elements(model: MindEye, device: str | torch.device = "meta") -> tuple[int, int]:
     """(per-sample, batch-independent) leaf-output elements, from forwards at batch 2 and 4."""
-    two = measure_activation_elements(model, 2, device, sdpa_math)
-    four = measure_activation_elements(model, 4, device, sdpa_math)
+    two = measure_activation_elements(model, 2, device)
+    four = measure_activation_elements(model, 4, device)
     per_sample = (four - two) // 2
     return per_sample, two - 2 * per_sample
 
@@ -801,15 +781,9 @@ def variant_key(stage: int, offload_optimizer: bool, offload_param: bool) -> str
 
 def estimate_memory(model: MindEye, *, ds_config: Optional[dict[str, Any]] = None,
                     world_size: Optional[int] = None, gpus_per_node: Optional[int] = None,
-                    micro_batch_size: Optional[int] = None, precision: Optional[str] = None,
-                    sdpa_math: bool = False) -> dict[str, Any]:
+                    micro_batch_size: Optional[int] = None, precision: Optional[str] = None) -> dict[str, Any]:
     """Bytes per rank for each ZeRO stage (or the DeepSpeed config's stage and its offload
     variants) of ``model`` (on the meta device); layout in the module docstring.
-
-    ``sdpa_math``: the run trains on the CPU, where the prior's attention takes
-    ``scaled_dot_product_attention``'s math path and keeps two (heads x queries x keys) tensors per
-    layer and sample for the backward (4.6 GiB at MindEye1's prior, micro-batch 32, fp32); GPU
-    kernels keep neither.
 
     Defaults: world size 1; GPUs per node = world size up to 8, else 8; micro-batch and precision
     from the DeepSpeed config when it sets numbers, else 32 and bf16.
@@ -837,7 +811,7 @@ def estimate_memory(model: MindEye, *, ds_config: Optional[dict[str, Any]] = Non
     layer_name, layer_params = largest_layer(model)
     groups = optimizer_group_numels(model)
     biggest = max((n for g in groups for n in g), default=0)
-    per_sample, fixed = activation_elements(model, sdpa_math=sdpa_math)
+    per_sample, fixed = activation_elements(model)
     act_b = ACTIVATION_BYTES[precision]
     activations = (fixed + per_sample * micro_batch_size) * act_b
 
@@ -868,7 +842,7 @@ def estimate_memory(model: MindEye, *, ds_config: Optional[dict[str, Any]] = Non
         "ds_config_stage": None if ds_config is None else zero_stage(ds_config),
         "total_params": psi, "largest_layer_params": layer_params, "largest_layer": layer_name,
         "activations_bytes_per_sample": per_sample * act_b, "activations_fixed_bytes": fixed * act_b,
-        "activations_bytes": activations, "sdpa_math": sdpa_math, "stages": stages,
+        "activations_bytes": activations, "stages": stages,
     }
 
 
@@ -963,7 +937,7 @@ def check_host_memory(model_cfg: ModelConfig, ds: dict[str, Any], precision: str
         meta = build_model(model_cfg, **build_kwargs)
     mem = estimate_memory(meta, ds_config=ds, world_size=world,
                           micro_batch_size=int(ds.get("train_micro_batch_size_per_gpu") or DEFAULT_MICRO_BATCH),
-                          precision=precision, sdpa_math=True)  # no CUDA here: the CPU's attention path
+                          precision=precision)
     row = mem["stages"][list(mem["stages"])[-1]]  # the config's own offload level comes last
     need = row["peak_bytes"] + row["host_bytes"]
     short = torch.tensor([float(local * need - available)], dtype=torch.float64)

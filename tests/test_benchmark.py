@@ -135,17 +135,28 @@ def test_cli_peak_only(tmp_path):
     assert _positive(data["peak"]["matmul_flops_per_s"]) and all(k in data for k in HEADLINES)
 
 
-def test_lean_attention_equals_shipped_layer():
-    """The what-if attention (bench/attention.py) computes the prior's attention layer: outputs and
-    every gradient, the relative-position bias's included, equal to fp32 rounding."""
+def test_cpu_attention_equals_sdpa_layer():
+    """The prior's CPU attention (models.prior.multi_query_attention, blockwise, hand-written
+    backward): gradcheck in float64 with several blocks per sample and queries in either layout,
+    then the whole layer against SDPA's (bench/attention.py): output and every gradient, the
+    relative-position bias's included, equal to fp32 rounding."""
     import torch
 
-    from mindeye_dist.bench.attention import compare, multi_query_attention
+    from mindeye_dist.bench.attention import compare
+    from mindeye_dist.models import prior
 
     q, k, v = torch.randn(2, 3, 7, 5, dtype=torch.double), torch.randn(2, 8, 5, dtype=torch.double), torch.randn(2, 8, 5, dtype=torch.double)
     bias = torch.randn(3, 7, 8, dtype=torch.double)
     inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
-    assert torch.autograd.gradcheck(lambda *a: multi_query_attention(*a, 1.7, 3), inputs)
+    block_bytes = prior.CPU_ATTENTION_BLOCK_BYTES
+    try:
+        prior.CPU_ATTENTION_BLOCK_BYTES = 3 * 8 * 4 * 3  # blocks of 3 queries: 3 + 3 + 1
+        assert torch.autograd.gradcheck(lambda *a: prior.multi_query_attention(*a, 1.7), inputs)
+        q_heads_last = torch.randn(2, 7, 3, 5, dtype=torch.double).transpose(1, 2).requires_grad_()  # the layer's layout
+        assert torch.autograd.gradcheck(lambda q_: prior.multi_query_attention(q_, k, v, bias, 1.7), (q_heads_last,))
+    finally:
+        prior.CPU_ATTENTION_BLOCK_BYTES = block_bytes
     r = compare(batch=2, tokens=41, dim=32, heads=2, dim_head=40, rounds=1)
-    assert r["max_relative_difference"].keys() >= {"out", "x", "rel", "to_q.weight", "null_kv"}
-    assert max(r["max_relative_difference"].values()) < 1e-5, r["max_relative_difference"]
+    diffs = r["max_relative_difference"]["SDPA math path"]
+    assert diffs.keys() >= {"out", "x", "rel", "to_q.weight", "null_kv"}
+    assert max(diffs.values()) < 1e-5, diffs

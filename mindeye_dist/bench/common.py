@@ -83,13 +83,12 @@ def build(spec: PresetSpec, cfg):
 
 
 def count(spec: PresetSpec, cfg, world_size: int = 1, micro_batch: Optional[int] = None,
-          precision: str = "fp32", flops: bool = True, sdpa_math: bool = False) -> dict[str, Any]:
-    """estimate(): params, training FLOPs per sample and memory per rank, on the meta device
-    (``sdpa_math``: for a run on the CPU, see :func:`mindeye_dist.estimate.estimate_memory`)."""
+          precision: str = "fp32", flops: bool = True) -> dict[str, Any]:
+    """estimate(): params, training FLOPs per sample and memory per rank, on the meta device."""
     from mindeye_dist.estimate import estimate
 
     return estimate(cfg.model, flops=flops, world_size=world_size, micro_batch_size=micro_batch,
-                    precision=precision, sdpa_math=sdpa_math, **spec.data_dims())
+                    precision=precision, **spec.data_dims())
 
 
 def synthetic_batch(model_cfg, batch_size: int, device: torch.device | str = "cpu", seed: int = 0):

@@ -193,8 +193,7 @@ def predict(rung: Rung, activation_checkpointing: bool = True, lowlevel_shape: O
     cfg = _experiment(rung, activation_checkpointing=activation_checkpointing)
     ds = _rung_ds_config(rung, Path("/nonexistent"))
     result = estimate(cfg.model, flops=False, world_size=2, ds_config=ds, micro_batch_size=rung.micro_batch,
-                      precision=rung.precision, lowlevel_shape=lowlevel_shape, sdpa_math=True,  # CPU rungs
-                      **MINDEYE1_DIMS)
+                      precision=rung.precision, lowlevel_shape=lowlevel_shape, **MINDEYE1_DIMS)
     stages = result["memory"]["stages"]
     row = stages[list(stages)[-1]]  # the config's own offload level comes last
     return {"params": result["params"]["total"], "params_by_component": result["params"],

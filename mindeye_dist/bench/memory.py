@@ -238,8 +238,7 @@ def _estimates(preset: str, micro_batch: int, precision: str, runs: list[tuple[i
     rows, mem = {}, None
     for stage, path, key in runs:
         mem = estimate_memory(model, ds_config=load_ds_config(path), world_size=2,
-                              micro_batch_size=micro_batch, precision=precision,
-                              sdpa_math=True)  # the ranks run on the CPU (gloo): its attention path
+                              micro_batch_size=micro_batch, precision=precision)
         rows[key] = mem["stages"][str(stage)]
     facts = {"params": mem["total_params"], "largest_layer": mem["largest_layer"],
              "largest_layer_params": mem["largest_layer_params"]} if mem else {}

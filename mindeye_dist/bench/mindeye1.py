@@ -83,7 +83,7 @@ def run_ours(hidden: int, micro_batch: int, steps: int, warmup: int, shape: Mind
     base = _rss()
     spec = PresetSpec.parse(shape.preset_spec(hidden))
     cfg = experiment_config(spec, micro_batch)
-    est = count(spec, cfg, world_size=1, micro_batch=micro_batch, precision="fp32", sdpa_math=device.type == "cpu")
+    est = count(spec, cfg, world_size=1, micro_batch=micro_batch, precision="fp32")
     trainer = make_trainer(spec, cfg, device)
     stepper = Stepper(trainer)
     batch = synthetic_batch(trainer.model.config, micro_batch, device)

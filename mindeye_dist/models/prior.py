@@ -31,7 +31,8 @@ schedulers, for reasons given where they are (:func:`schedule_tables`, :meth:`Di
 Deliberate differences, none of which changes an fp32 result: the sinusoidal time features are
 computed in fp32 and the time MLP runs in the model's dtype (DALLE2 computes the features in the
 input dtype and the MLP in fp32, which fails with bf16 weights), and attention is
-``scaled_dot_product_attention``.
+``scaled_dot_product_attention``, on a CPU :func:`multi_query_attention` (the same function,
+blockwise, with a hand-written backward).
 
 Parameter count (MindEye1: dim 768, depth 6, 12 heads x 64, 257 tokens) = 56,055,168:
 
@@ -58,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from mindeye_dist.models.layers import mark_checkpoint_unit, run_checkpointed
 
@@ -184,14 +186,6 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * dim_head, bias=False)  # multi-query: one K/V head for all
         self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim, bias=False), LayerNorm(dim))
 
-    def math_saved_elements(self, x: torch.Tensor) -> int:
-        """Elements ``scaled_dot_product_attention``'s math path keeps for the backward beyond this
-        module's leaf outputs: two (batch, heads, queries, keys) tensors, the attention weights
-        before and after the softmax. torch takes that path on the CPU for this float-mask attention
-        (fused GPU kernels keep neither); :mod:`mindeye_dist.estimate` counts it for CPU runs."""
-        b, n = x.shape[0], x.shape[1]
-        return 2 * b * self.heads * n * (n + 1)  # keys: the null key + n
-
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         x = self.norm(x)
@@ -201,10 +195,108 @@ class Attention(nn.Module):
         null_k, null_v = (t.to(x.dtype).expand(b, 1, -1) for t in self.null_kv.unbind(0))
         k, v = torch.cat([null_k, k], dim=1), torch.cat([null_v, v], dim=1)  # (B, N+1, d)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # cosine-sim attention
-        k, v = (t[:, None].expand(-1, self.heads, -1, -1) for t in (k, v))  # (B, h, N+1, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=COSINE_SIM_SCALE,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if _use_cpu_attention(x, dropout):
+            out = multi_query_attention(q, k, v, bias, COSINE_SIM_SCALE)
+        else:
+            k, v = (t[:, None].expand(-1, self.heads, -1, -1) for t in (k, v))  # (B, h, N+1, d)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=COSINE_SIM_SCALE,
+                                                 dropout_p=dropout)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _use_cpu_attention(x: torch.Tensor, dropout: float) -> bool:
+    """The prior's attention takes :func:`multi_query_attention` on a CPU without attention dropout
+    (every preset: the config has no prior dropout), SDPA elsewhere. On a CPU with dropout, SDPA's
+    math path keeps three (B, h, N, N+1) tensors per layer that :mod:`mindeye_dist.estimate`
+    does not count."""
+    return x.device.type == "cpu" and dropout == 0.0
+
+
+CPU_ATTENTION_BLOCK_BYTES = 4 << 20  # one block's fp32 scores; 1-8 MiB measured alike at MindEye1's shape
+
+
+class _BlockedMultiQueryAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v with one K/V head shared by every query head, computed a
+    block of queries of one sample at a time (FlashAttention's recurrence in torch ops).
+
+    Why not SDPA on a CPU: the relative-position bias is a float mask that needs a gradient, which
+    torch's fused CPU kernel does not return, so SDPA falls back to its math path: it expands K/V to
+    every head, runs h small (N x d) x (d x N+1) products per sample and keeps two (B, h, N, N+1)
+    tensors for the backward (0.8 GB per layer at MindEye1's prior and micro-batch 32). Here each
+    block is (queries x heads) rows against the shared keys, one matmul, small enough for the
+    caches; only the output and each row's log-sum-exp are kept, and the backward recomputes each
+    block's probabilities (one more QK^T product) and returns the bias gradient.
+    ``python -m mindeye_dist.bench.attention`` measures both.
+
+    Inputs q (B, h, N, d), k and v (B, S, d), bias (h, N, S), one floating dtype; half and bf16
+    are computed in fp32, as SDPA's math path does. Output (B, h, N, d), a view of (B, N, h, d)
+    memory, so the caller's ``b h n d -> b n (h d)`` costs no copy.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float):
+        dtype = q.dtype
+        ctx.dtypes = (dtype, k.dtype, v.dtype, bias.dtype)
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        q = q.transpose(1, 2).to(work).contiguous()  # (B, N, h, d)
+        k, v = k.to(work), v.to(work)
+        rows_bias = bias.to(work).permute(1, 0, 2).contiguous()  # (N, h, S)
+        b, n, h, d = q.shape
+        s_len = k.shape[1]
+        block = max(1, min(n, CPU_ATTENTION_BLOCK_BYTES // (h * s_len * 4)))
+        out = torch.empty_like(q)
+        lse = q.new_empty(b, n, h)
+        for i in range(b):
+            k_t, v_i = k[i].T, v[i]
+            for j in range(0, n, block):
+                c = min(block, n - j)
+                scores = torch.addmm(rows_bias[j:j + c].view(c * h, s_len), q[i, j:j + c].view(c * h, d), k_t,
+                                     alpha=scale)
+                top = scores.amax(-1, keepdim=True)
+                probs = scores.sub_(top).exp_()
+                total = probs.sum(-1, keepdim=True)
+                torch.mm(probs, v_i, out=out[i, j:j + c].view(c * h, d)).div_(total)
+                lse[i, j:j + c].view(c * h, 1).copy_(top.add_(total.log_()))
+        ctx.save_for_backward(q, k, v, rows_bias, out, lse)
+        ctx.scale, ctx.block = scale, block
+        return out.to(dtype).transpose(1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        q, k, v, rows_bias, out, lse = ctx.saved_tensors
+        scale, block = ctx.scale, ctx.block
+        b, n, h, d = q.shape
+        s_len = k.shape[1]
+        d_out = d_out.transpose(1, 2).to(q.dtype).contiguous()  # (B, N, h, d)
+        delta = (d_out * out).sum(-1)  # (B, N, h): rowsum(dO * O)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dbias = torch.zeros_like(rows_bias) if ctx.needs_input_grad[3] else None
+        for i in range(b):
+            k_i, v_i, dk_i, dv_i = k[i], v[i], dk[i], dv[i]
+            for j in range(0, n, block):
+                c = min(block, n - j)
+                q_ij, do_ij = q[i, j:j + c].view(c * h, d), d_out[i, j:j + c].view(c * h, d)
+                scores = torch.addmm(rows_bias[j:j + c].view(c * h, s_len), q_ij, k_i.T, alpha=scale)
+                probs = scores.sub_(lse[i, j:j + c].view(c * h, 1)).exp_()
+                dv_i.addmm_(probs.T, do_ij)
+                d_scores = torch.mm(do_ij, v_i.T).sub_(delta[i, j:j + c].view(c * h, 1)).mul_(probs)
+                if dbias is not None:
+                    dbias[j:j + c].view(c * h, s_len).add_(d_scores)
+                torch.mm(d_scores, k_i, out=dq[i, j:j + c].view(c * h, d)).mul_(scale)
+                dk_i.addmm_(d_scores.T, q_ij, alpha=scale)
+        q_dtype, k_dtype, v_dtype, bias_dtype = ctx.dtypes
+        return (dq.transpose(1, 2).to(q_dtype), dk.to(k_dtype), dv.to(v_dtype),
+                None if dbias is None else dbias.permute(1, 0, 2).to(bias_dtype), None)
+
+
+def multi_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v: q (B, h, N, d); k, v (B, S, d), shared by the h heads;
+    bias (h, N, S) -> (B, h, N, d). The prior's attention on a CPU
+    (see :class:`_BlockedMultiQueryAttention`)."""
+    return _BlockedMultiQueryAttention.apply(q, k, v, bias, scale)
 
 
 class SwiGLU(nn.Module):
