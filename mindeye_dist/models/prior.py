@@ -229,13 +229,18 @@ class _BlockedMultiQueryAttention(torch.autograd.Function):
     block's probabilities (one more QK^T product) and returns the bias gradient.
     ``python -m mindeye_dist.bench.attention`` measures both.
 
-    Inputs q (B, h, N, d), k and v (B, S, d), bias (h, N, S), one floating dtype; half and bf16
-    are computed in fp32, as SDPA's math path does. Output (B, h, N, d), a view of (B, N, h, d)
+    Inputs q (B, h, N, d), k and v (B, S, d), bias (h, N, S); half and bf16 are computed in fp32,
+    as SDPA's math path does, under autocast too. Output (B, h, N, d), a view of (B, N, h, d)
     memory, so the caller's ``b h n d -> b n (h d)`` costs no copy.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float):
+        with torch.autocast("cpu", enabled=False):  # the work dtype below, not autocast's
+            return _BlockedMultiQueryAttention._forward(ctx, q, k, v, bias, scale)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, bias, scale: float):
         dtype = q.dtype
         ctx.dtypes = (dtype, k.dtype, v.dtype, bias.dtype)
         work = torch.float64 if dtype == torch.float64 else torch.float32
@@ -265,6 +270,11 @@ class _BlockedMultiQueryAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
+        with torch.autocast("cpu", enabled=False):
+            return _BlockedMultiQueryAttention._backward(ctx, d_out)
+
+    @staticmethod
+    def _backward(ctx, d_out):
         q, k, v, rows_bias, out, lse = ctx.saved_tensors
         scale, block = ctx.scale, ctx.block
         b, n, h, d = q.shape
