@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", help="run directory written by launchers/train.py")
+    p.add_argument("--run", "--run-dir", dest="run",
+                   help="run directory written by launchers/train.py (under torchrun spell it --run-dir: torch "
+                        "2.13's torchrun rejects --run as an ambiguous abbreviation of its --run-path)")
     p.add_argument("--data", help="dataset URL (defaults to the run's data.url)")
     p.add_argument("--split", default="test")
     p.add_argument("--checkpoint", help="checkpoint tag, 'best' or 'latest' (default: best if the run has it, else latest)")

@@ -31,7 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (the same one resumes)")
-    p.add_argument("--run", help="run directory written by launchers/train.py")
+    p.add_argument("--run", "--run-dir", dest="run",
+                   help="run directory written by launchers/train.py (under torchrun spell it --run-dir: torch "
+                        "2.13's torchrun rejects --run as an ambiguous abbreviation of its --run-path)")
     p.add_argument("--data", dest="data_url", help="dataset URL (default: the run's data.url)")
     p.add_argument("--split", default="test")
     p.add_argument("--checkpoint", help="checkpoint tag (default: checkpoints/best if the run marked one, else latest)")

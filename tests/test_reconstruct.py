@@ -238,7 +238,7 @@ def test_two_ranks_split_the_stimuli_and_match_one_rank(trained, tmp_path):
     from mindeye_dist.distributed import free_port
 
     _, run = trained
-    args = ["--run", str(run), "--sampler", "ddim", "--steps", "10", "--best-of", "2", "--limit", "10", "--batch-size", "2",
+    args = ["--run-dir", str(run), "--sampler", "ddim", "--steps", "10", "--best-of", "2", "--limit", "10", "--batch-size", "2",
             "--no-progress"]
     one = reconstruct(_cfg(tmp_path / "one", run, best_of=2, batch_size=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
