@@ -117,6 +117,9 @@ def test_markdown_table_lists_rungs_and_what_was_not_run():
     assert "| zero3 (`ds_configs/zero3.json`) | 2048 | 0.512B | trained | 3.000 → 2.000 (20 steps) | 5.00 | 4.50 (0.90) |" in md
     assert "zero3-h4096: 1.00B parameters, predicted 9.00 GiB per rank: needs" in md
     assert "0.60 GiB" in md
+    with_overrides = {**rung, "overrides": ["model.lowlevel=false", "train.host_memory=system"]}
+    md = format_markdown({"rungs": [with_overrides], "skipped": [], "baseline": {}})
+    assert "| zero3 (`ds_configs/zero3.json`), `train.host_memory=system` | 2048 |" in md  # the default is not shown
 
 
 def test_a_rerun_keeps_the_results_of_the_same_settings(tmp_path):

@@ -529,7 +529,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         loss = "-" if r["loss_first3"] is None else f"{r['loss_first3']:.3f} → {r['loss_last3']:.3f}"
         ratio = "" if r.get("estimate_vs_measured") is None else f" ({r['estimate_vs_measured']:.2f})"
         step = "-" if r["step_time_s"] is None else f"{r['step_time_s']:.1f}"
-        rows.append(f"| {r['variant']} (`{r['ds_config']}`) | {r['hidden_dim']} | {r['params'] / 1e9:.3f}B | {r['status']} | "
+        extra = "".join(f", `{o}`" for o in r.get("overrides") or () if o not in Rung.overrides)
+        rows.append(f"| {r['variant']} (`{r['ds_config']}`){extra} | {r['hidden_dim']} | {r['params'] / 1e9:.3f}B | {r['status']} | "
                     f"{loss} ({r['steps']} steps) | {fmt_gib(r['peak_rss_bytes_per_rank'])} | "
                     f"{fmt_gib(r.get('estimate_peak_bytes_per_rank'))}{ratio} | {step} | "
                     f"{r['load_avg_start']:.1f}-{r['load_avg_end']:.1f} |")
